@@ -1,0 +1,1 @@
+"""Compatibility package: `from vit_jax.configs import models` as in the original code."""

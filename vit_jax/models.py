@@ -1,0 +1,145 @@
+"""The model zoo: every released model's configuration, by name, and `get_model`.
+
+`MODEL_CONFIGS[name]` is a frozen ml_collections config holding the constructor arguments of
+`VisionTransformer` or `MlpMixer` (all but `num_classes`), so `VisionTransformer(
+num_classes=10, **MODEL_CONFIGS['ViT-B_16'])` works as in the original. Sizes live in one table
+per family below; the tiny `testing` models live in the same table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import ml_collections
+
+from vit_jax.models_mixer import MlpMixer
+from vit_jax.models_vit import VisionTransformer
+
+__all__ = ["MODEL_CONFIGS", "MlpMixer", "VisionTransformer", "get_config", "get_model"]
+
+# name: (hidden, mlp_dim, heads, layers, patch, dropout, resnet (units per stage, width) or None,
+#        classifier)
+_VIT_TABLE: dict[str, tuple] = {
+    "testing": (10, 10, 2, 1, 16, 0.1, None, "token"),
+    "testing-unpooled": (10, 10, 2, 1, 16, 0.1, None, "unpooled"),
+    "ViT-Ti_16": (192, 768, 3, 12, 16, 0.0, None, "token"),
+    "ViT-S_16": (384, 1536, 6, 12, 16, 0.0, None, "token"),
+    "ViT-S_32": (384, 1536, 6, 12, 32, 0.0, None, "token"),
+    "ViT-B_16": (768, 3072, 12, 12, 16, 0.0, None, "token"),
+    "ViT-B_32": (768, 3072, 12, 12, 32, 0.0, None, "token"),
+    "ViT-B_8": (768, 3072, 12, 12, 8, 0.0, None, "token"),
+    "ViT-L_16": (1024, 4096, 16, 24, 16, 0.1, None, "token"),
+    "ViT-L_32": (1024, 4096, 16, 24, 32, 0.0, None, "token"),
+    "ViT-H_14": (1280, 5120, 16, 32, 14, 0.1, None, "token"),
+    "ViT-S_16-gap-norep": (384, 1536, 6, 12, 16, 0.0, None, "gap"),
+    "ViT-S_32-gap-norep": (384, 1536, 6, 12, 32, 0.0, None, "gap"),
+    "ViT-B_16-gap-norep": (768, 3072, 12, 12, 16, 0.0, None, "gap"),
+    "ViT-B_32-gap-norep": (768, 3072, 12, 12, 32, 0.0, None, "gap"),
+    "R+ViT-Ti_16": (192, 768, 3, 12, 8, 0.0, ((), 1), "token"),
+    "R26+ViT-S_32": (384, 1536, 6, 12, 1, 0.0, ((2, 2, 2, 2), 1), "token"),
+    "R26+ViT-B_32": (768, 3072, 12, 12, 1, 0.0, ((2, 2, 2, 2), 1), "token"),
+    "R50+ViT-B_16": (768, 3072, 12, 12, 1, 0.1, ((3, 4, 9), 1), "token"),
+    "R50+ViT-L_32": (1024, 4096, 16, 24, 1, 0.1, ((3, 4, 6, 3), 1), "token"),
+}
+
+# name: (hidden, blocks, tokens_mlp_dim, channels_mlp_dim, patch)
+_MIXER_TABLE: dict[str, tuple] = {
+    "Mixer-B_16": (768, 12, 384, 3072, 16),
+    "Mixer-B_32": (768, 12, 384, 3072, 32),
+    "Mixer-L_16": (1024, 24, 512, 4096, 16),
+}
+
+
+def _vit_config(name: str, row: tuple) -> ml_collections.ConfigDict:
+    hidden, mlp_dim, heads, layers, patch, dropout, resnet, classifier = row
+    config = ml_collections.ConfigDict()
+    config.model_name = name
+    config.patches = ml_collections.ConfigDict({"size": (patch, patch)})
+    config.hidden_size = hidden
+    config.transformer = ml_collections.ConfigDict(
+        {
+            "mlp_dim": mlp_dim,
+            "num_heads": heads,
+            "num_layers": layers,
+            "attention_dropout_rate": 0.0,
+            "dropout_rate": dropout,
+        }
+    )
+    if resnet is not None:
+        config.resnet = ml_collections.ConfigDict(
+            {"num_layers": resnet[0], "width_factor": resnet[1]}
+        )
+    else:
+        config.resnet = None
+    config.classifier = classifier
+    config.representation_size = None
+    return config
+
+
+def _mixer_config(name: str, row: tuple) -> ml_collections.ConfigDict:
+    hidden, blocks, tokens_mlp_dim, channels_mlp_dim, patch = row
+    return ml_collections.ConfigDict(
+        {
+            "model_name": name,
+            "patches": {"size": (patch, patch)},
+            "hidden_dim": hidden,
+            "num_blocks": blocks,
+            "tokens_mlp_dim": tokens_mlp_dim,
+            "channels_mlp_dim": channels_mlp_dim,
+        }
+    )
+
+
+MODEL_CONFIGS: dict[str, ml_collections.FrozenConfigDict] = {
+    **{n: ml_collections.FrozenConfigDict(_vit_config(n, r)) for n, r in _VIT_TABLE.items()},
+    **{n: ml_collections.FrozenConfigDict(_mixer_config(n, r)) for n, r in _MIXER_TABLE.items()},
+}
+
+
+def _check_name(name: str) -> None:
+    if name not in MODEL_CONFIGS:
+        close = difflib.get_close_matches(name, MODEL_CONFIGS, n=5, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"Unknown model name {name!r}.{hint} Known models: {', '.join(MODEL_CONFIGS)}."
+        )
+
+
+def get_config(name: str) -> ml_collections.ConfigDict:
+    """A mutable copy of the zoo config `name` (changing it never changes the zoo)."""
+    _check_name(name)
+    return ml_collections.ConfigDict(MODEL_CONFIGS[name].as_configdict().to_dict())
+
+
+def model_class(name: str) -> type[nn.Module]:
+    """`MlpMixer` for `Mixer-*` names, `VisionTransformer` for the rest."""
+    _check_name(name)
+    return MlpMixer if name.startswith("Mixer-") else VisionTransformer
+
+
+def get_model(name: str, **overrides: Any) -> nn.Module:
+    """The zoo model `name` with constructor overrides, e.g. `get_model('ViT-B_16', num_classes=10)`.
+
+    A Mapping given for a nested config (`transformer=dict(dropout_rate=0.)`) updates only the
+    keys it names. Keys the model does not have are rejected, listing the valid ones.
+    """
+    cls = model_class(name)
+    config = get_config(name)
+    valid = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ValueError(
+            f"{cls.__name__} ({name}) has no option(s) {unknown}; valid: {sorted(valid)}."
+        )
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(config.get(key), ml_collections.ConfigDict):
+            config[key].update(dict(value))
+        else:
+            config[key] = value
+    if "num_classes" not in config:
+        raise ValueError(f"get_model({name!r}) needs num_classes= (0 or None for features).")
+    return cls(**config)

@@ -1,0 +1,369 @@
+"""The Vision Transformer (Flax linen), parameter-compatible with the released checkpoints.
+
+This module owns the ViT forward pass and its speed/memory options. It does not own the model
+sizes (see `vit_jax.models`) or the checkpoint format (see `vit_jax.checkpoint`).
+
+The parameter tree is the original's, name for name and shape for shape. The options the
+original lacks (`dtype`, `attention_impl`, `remat_policy`, `scan`) never change the parameter
+tree, except that `scan=True` stacks the encoder blocks under one `encoderblock` entry
+(`vit_jax.checkpoint.scan_params` / `unscan_params` convert between the layouts).
+
+Named intermediates: apply with `mutable=['intermediates']` to get the encoder's per-token
+output (`encoded`), the pooled `pre_logits` and, with `attention_impl='flax'`, every block's
+attention weights (`.../MultiHeadDotProductAttention_0/attention_weights`), without new flags.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vit_jax import models_resnet
+
+CLASSIFIERS = ("token", "gap", "unpooled", "token_unpooled")
+# 'flax' is the original's attention (flax.linen.dot_product_attention); the others call
+# jax.nn.dot_product_attention with implementation None ('auto'), 'xla' or 'cudnn'.
+ATTENTION_IMPLS = ("flax", "auto", "xla", "cudnn")
+# Rematerialisation policies that need no arguments, by their jax.checkpoint_policies name.
+REMAT_POLICIES = (
+    "nothing_saveable",
+    "everything_saveable",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+)
+LAYERNORM_EPSILON = 1e-6
+
+
+def _field(config: Any, key: str, default: Any = None) -> Any:
+    """Reads `key` from a ConfigDict, a Mapping or an object with attributes."""
+    if isinstance(config, Mapping):
+        return config.get(key, default)
+    if hasattr(config, "get"):
+        return config.get(key, default)
+    return getattr(config, key, default)
+
+
+def _validate_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"Unknown {name}={value!r}; valid values: {', '.join(map(repr, choices))}.")
+
+
+def validate_options(
+    *, classifier: str, attention_impl: str = "flax", remat_policy: str | None = None
+) -> None:
+    """Raises ValueError listing the valid values when a string option is unknown."""
+    _validate_choice("classifier", classifier, CLASSIFIERS)
+    _validate_choice("attention_impl", attention_impl, ATTENTION_IMPLS)
+    if remat_policy is not None:
+        _validate_choice("remat_policy", remat_policy, REMAT_POLICIES)
+
+
+def fused_attention_fn(implementation: str | None) -> Callable[..., jax.Array]:
+    """An `attention_fn` for Flax's attention module that calls `jax.nn.dot_product_attention`.
+
+    The query/key/value projections (and so the parameters) stay Flax's; only the
+    softmax(q·kᵀ/√d)·v core is swapped. Attention-weight dropout is not supported by the fused
+    kernels, so a training call with a non-zero attention dropout rate is refused.
+    """
+
+    def attention_fn(query, key, value, dropout_rate=0.0, deterministic=True):
+        if dropout_rate > 0.0 and not deterministic:
+            raise ValueError(
+                f"attention_impl={implementation or 'auto'!r} cannot apply attention dropout "
+                f"(attention_dropout_rate={dropout_rate}); train with attention_impl='flax' or "
+                "set transformer.attention_dropout_rate=0."
+            )
+        return jax.nn.dot_product_attention(query, key, value, implementation=implementation)
+
+    return attention_fn
+
+
+class IdentityLayer(nn.Module):
+    """Names a point in the model (`pre_logits`) without adding parameters."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x
+
+
+class AddPositionEmbs(nn.Module):
+    """Adds a learned position table of shape (1, tokens, hidden) to the inputs."""
+
+    posemb_init: Callable[..., jax.Array] = nn.initializers.normal(stddev=0.02)
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        if inputs.ndim != 3:
+            raise ValueError(f"AddPositionEmbs expects (batch, tokens, hidden), got {inputs.shape}.")
+        shape = (1, inputs.shape[1], inputs.shape[2])
+        pos_embedding = self.param("pos_embedding", self.posemb_init, shape, self.param_dtype)
+        return inputs + pos_embedding.astype(inputs.dtype)
+
+
+class MlpBlock(nn.Module):
+    """Dense → GELU (tanh approximation) → Dropout → Dense → Dropout."""
+
+    mlp_dim: int
+    dtype: Any = jnp.float32
+    out_dim: int | None = None
+    dropout_rate: float = 0.1
+    kernel_init: Callable[..., jax.Array] = nn.initializers.xavier_uniform()
+    bias_init: Callable[..., jax.Array] = nn.initializers.normal(stddev=1e-6)
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array, *, deterministic: bool) -> jax.Array:
+        out_dim = inputs.shape[-1] if self.out_dim is None else self.out_dim
+        dense = functools.partial(
+            nn.Dense, dtype=self.dtype, kernel_init=self.kernel_init, bias_init=self.bias_init
+        )
+        x = dense(features=self.mlp_dim)(inputs)
+        x = nn.gelu(x, approximate=True)
+        x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+        x = dense(features=out_dim)(x)
+        return nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+
+
+class Encoder1DBlock(nn.Module):
+    """Pre-LN transformer block: x + Dropout(MHA(LN(x))), then x + MLP(LN(x)).
+
+    `deterministic` is positional so that `nn.remat` can treat it as static. With
+    `scanned=True` the block returns `(x, None)`, the carry/output pair `nn.scan` needs.
+    """
+
+    mlp_dim: int
+    num_heads: int
+    dtype: Any = jnp.float32
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.1
+    attention_impl: str = "flax"
+    scanned: bool = False
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array, deterministic: bool):
+        if self.attention_impl == "flax":
+            attention_fn = nn.dot_product_attention
+        else:
+            attention_fn = fused_attention_fn(
+                None if self.attention_impl == "auto" else self.attention_impl
+            )
+        x = nn.LayerNorm(epsilon=LAYERNORM_EPSILON, dtype=self.dtype)(inputs)
+        x = nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads,
+            dtype=self.dtype,
+            kernel_init=nn.initializers.xavier_uniform(),
+            broadcast_dropout=False,
+            deterministic=deterministic,
+            dropout_rate=self.attention_dropout_rate,
+            attention_fn=attention_fn,
+        )(
+            x,
+            x,
+            sow_weights=self.attention_impl == "flax"
+            and self.is_mutable_collection("intermediates"),
+        )
+        x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+        x = x + inputs
+
+        y = nn.LayerNorm(epsilon=LAYERNORM_EPSILON, dtype=self.dtype)(x)
+        y = MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, dropout_rate=self.dropout_rate)(
+            y, deterministic=deterministic
+        )
+        out = x + y
+        return (out, None) if self.scanned else out
+
+
+class Encoder(nn.Module):
+    """Position embedding, `num_layers` blocks and the final LayerNorm (`encoder_norm`).
+
+    Blocks are `encoderblock_{i}`; with `scan=True` one `encoderblock` whose parameters carry
+    a leading axis of length `num_layers` (compiles once, whatever the depth).
+    """
+
+    num_layers: int
+    mlp_dim: int
+    num_heads: int
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.1
+    add_position_embedding: bool = True
+    dtype: Any = jnp.float32
+    attention_impl: str = "flax"
+    remat_policy: str | None = None
+    scan: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        if self.add_position_embedding:
+            x = AddPositionEmbs(name="posembed_input")(x)
+            x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
+
+        block_cls = Encoder1DBlock
+        if self.remat_policy is not None:
+            policy = getattr(jax.checkpoint_policies, self.remat_policy)
+            block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not self.scan,
+                                 static_argnums=(2,))
+        block_kwargs = dict(
+            mlp_dim=self.mlp_dim,
+            num_heads=self.num_heads,
+            dtype=self.dtype,
+            dropout_rate=self.dropout_rate,
+            attention_dropout_rate=self.attention_dropout_rate,
+            attention_impl=self.attention_impl,
+        )
+        if self.scan:
+            scanned_cls = nn.scan(
+                block_cls,
+                variable_axes={"params": 0, "intermediates": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=nn.broadcast,
+                length=self.num_layers,
+            )
+            x, _ = scanned_cls(name="encoderblock", scanned=True, **block_kwargs)(x, not train)
+        else:
+            for layer in range(self.num_layers):
+                x = block_cls(name=f"encoderblock_{layer}", **block_kwargs)(x, not train)
+        return nn.LayerNorm(epsilon=LAYERNORM_EPSILON, dtype=self.dtype, name="encoder_norm")(x)
+
+
+class VisionTransformer(nn.Module):
+    """Vision Transformer with the original's constructor (so zoo configs and scripts port).
+
+    Attributes:
+      num_classes: head size; 0 or None means no head (the model returns features).
+      patches: config with `size` (patch height, width).
+      transformer: config with `num_layers`, `mlp_dim`, `num_heads`, `dropout_rate`,
+        `attention_dropout_rate`.
+      hidden_size: token width D.
+      resnet: None, or config with `num_layers` (units per stage) and `width_factor` (hybrid).
+      representation_size: if set, `pre_logits` is Dense(representation_size) + tanh.
+      classifier: 'token' (class token), 'gap' (mean over tokens), 'unpooled' (all tokens, no
+        class token), 'token_unpooled' (all tokens including the class token).
+      head_bias_init: the head's bias init (-10 for sigmoid-loss pretraining).
+      dtype: compute dtype (e.g. jnp.bfloat16); parameters stay float32, logits are float32.
+      attention_impl: 'flax' (the original) or 'auto' / 'xla' / 'cudnn' for
+        `jax.nn.dot_product_attention`. Same parameters, same fp32 outputs.
+      remat_policy: None, or a `jax.checkpoint_policies` name from REMAT_POLICIES, applied to
+        every encoder block (saves activation memory at the cost of recomputation).
+      scan: run the encoder blocks with `nn.scan` (stacked parameters, faster compile).
+    """
+
+    num_classes: int | None
+    patches: Any
+    transformer: Any
+    hidden_size: int
+    resnet: Any | None = None
+    representation_size: int | None = None
+    classifier: str = "token"
+    head_bias_init: float = 0.0
+    encoder: type[nn.Module] = Encoder
+    model_name: str | None = None
+    dtype: Any = jnp.float32
+    attention_impl: str = "flax"
+    remat_policy: str | None = None
+    scan: bool = False
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return tuple(_field(self.patches, "size"))
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array, *, train: bool) -> jax.Array:
+        validate_options(
+            classifier=self.classifier,
+            attention_impl=self.attention_impl,
+            remat_policy=self.remat_policy,
+        )
+        check_image_size(
+            inputs.shape[1:3], self.patch_size, stem_stride(self.resnet), self.model_name
+        )
+        x = inputs.astype(self.dtype)
+
+        if self.resnet is not None:
+            # Built inline so its parameters sit at the top level, as in the released files.
+            x = models_resnet.resnet_stem(
+                x,
+                num_layers=tuple(_field(self.resnet, "num_layers")),
+                width_factor=_field(self.resnet, "width_factor"),
+                dtype=self.dtype,
+            )
+
+        x = nn.Conv(
+            features=self.hidden_size,
+            kernel_size=self.patch_size,
+            strides=self.patch_size,
+            padding="VALID",
+            dtype=self.dtype,
+            name="embedding",
+        )(x)
+        n, h, w, c = x.shape
+        x = jnp.reshape(x, (n, h * w, c))
+
+        if self.classifier in ("token", "token_unpooled"):
+            cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
+            x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (n, 1, 1)), x], axis=1)
+
+        x = self.encoder(
+            name="Transformer",
+            num_layers=_field(self.transformer, "num_layers"),
+            mlp_dim=_field(self.transformer, "mlp_dim"),
+            num_heads=_field(self.transformer, "num_heads"),
+            dropout_rate=_field(self.transformer, "dropout_rate", 0.1),
+            attention_dropout_rate=_field(self.transformer, "attention_dropout_rate", 0.1),
+            dtype=self.dtype,
+            attention_impl=self.attention_impl,
+            remat_policy=self.remat_policy,
+            scan=self.scan,
+        )(x, train=train)
+        self.sow("intermediates", "encoded", x)
+
+        if self.classifier == "token":
+            x = x[:, 0]
+        elif self.classifier == "gap":
+            x = jnp.mean(x, axis=1)
+
+        if self.representation_size is not None:
+            x = nn.Dense(features=self.representation_size, dtype=self.dtype, name="pre_logits")(x)
+            x = nn.tanh(x)
+        else:
+            x = IdentityLayer(name="pre_logits")(x)
+        self.sow("intermediates", "pre_logits", x)
+
+        if self.num_classes:
+            x = nn.Dense(
+                features=self.num_classes,
+                dtype=self.dtype,
+                kernel_init=nn.initializers.zeros,
+                bias_init=nn.initializers.constant(self.head_bias_init),
+                name="head",
+            )(x)
+        return x.astype(jnp.float32)
+
+
+def stem_stride(resnet: Any | None) -> int:
+    """Downsampling of the hybrid ResNet stem before the patch embedding (1 without one)."""
+    if resnet is None:
+        return 1
+    return models_resnet.stem_stride(len(tuple(_field(resnet, "num_layers"))))
+
+
+def check_image_size(
+    image_hw: tuple[int, int],
+    patch_size: tuple[int, int],
+    stride: int = 1,
+    model_name: str | None = None,
+) -> None:
+    """Raises a clear ValueError unless the image tiles exactly into patches."""
+    total = (stride * patch_size[0], stride * patch_size[1])
+    if image_hw[0] % total[0] or image_hw[1] % total[1]:
+        what = f"model {model_name!r}" if model_name else "this model"
+        stem = f" (patch {tuple(patch_size)} after a stem of stride {stride})" if stride > 1 else ""
+        raise ValueError(
+            f"Image size {tuple(image_hw)} is not divisible by the patch size {total} of "
+            f"{what}{stem}. Use an image size that is a multiple of {total}, e.g. "
+            f"{(max(1, image_hw[0] // total[0]) * total[0], max(1, image_hw[1] // total[1]) * total[1])}."
+        )
