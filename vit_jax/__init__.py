@@ -1,3 +1,3 @@
-"""vit_jax: Vision Transformer and MLP-Mixer in JAX/Flax, compatible with the released checkpoints."""
+"""vit_jax: Vision Transformer and MLP-Mixer in JAX/Flax, reading the released checkpoints."""
 
 __version__ = "0.1.0"

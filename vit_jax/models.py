@@ -122,7 +122,7 @@ def model_class(name: str) -> type[nn.Module]:
 
 
 def get_model(name: str, **overrides: Any) -> nn.Module:
-    """The zoo model `name` with constructor overrides, e.g. `get_model('ViT-B_16', num_classes=10)`.
+    """The zoo model `name` with overrides: `get_model('ViT-B_16', num_classes=10)`.
 
     A Mapping given for a nested config (`transformer=dict(dropout_rate=0.)`) updates only the
     keys it names. Keys the model does not have are rejected, listing the valid ones.

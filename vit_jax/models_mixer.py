@@ -58,9 +58,9 @@ class MlpMixer(nn.Module):
         del train  # Mixer has no dropout.
         patch_size = tuple(_field(self.patches, "size"))
         check_image_size(inputs.shape[1:3], patch_size, 1, self.model_name)
-        x = nn.Conv(
-            self.hidden_dim, patch_size, strides=patch_size, dtype=self.dtype, name="stem"
-        )(inputs.astype(self.dtype))
+        x = nn.Conv(self.hidden_dim, patch_size, strides=patch_size, dtype=self.dtype, name="stem")(
+            inputs.astype(self.dtype)
+        )
         n, h, w, c = x.shape
         x = jnp.reshape(x, (n, h * w, c))
         for _ in range(self.num_blocks):

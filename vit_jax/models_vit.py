@@ -50,7 +50,8 @@ def _field(config: Any, key: str, default: Any = None) -> Any:
 
 def _validate_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
-        raise ValueError(f"Unknown {name}={value!r}; valid values: {', '.join(map(repr, choices))}.")
+        valid = ", ".join(map(repr, choices))
+        raise ValueError(f"Unknown {name}={value!r}; valid values: {valid}.")
 
 
 def validate_options(
@@ -100,7 +101,7 @@ class AddPositionEmbs(nn.Module):
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
         if inputs.ndim != 3:
-            raise ValueError(f"AddPositionEmbs expects (batch, tokens, hidden), got {inputs.shape}.")
+            raise ValueError(f"Position table needs (batch, tokens, hidden), got {inputs.shape}")
         shape = (1, inputs.shape[1], inputs.shape[2])
         pos_embedding = self.param("pos_embedding", self.posemb_init, shape, self.param_dtype)
         return inputs + pos_embedding.astype(inputs.dtype)
@@ -205,8 +206,9 @@ class Encoder(nn.Module):
         block_cls = Encoder1DBlock
         if self.remat_policy is not None:
             policy = getattr(jax.checkpoint_policies, self.remat_policy)
-            block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not self.scan,
-                                 static_argnums=(2,))
+            block_cls = nn.remat(
+                block_cls, policy=policy, prevent_cse=not self.scan, static_argnums=(2,)
+            )
         block_kwargs = dict(
             mlp_dim=self.mlp_dim,
             num_heads=self.num_heads,
@@ -362,8 +364,8 @@ def check_image_size(
     if image_hw[0] % total[0] or image_hw[1] % total[1]:
         what = f"model {model_name!r}" if model_name else "this model"
         stem = f" (patch {tuple(patch_size)} after a stem of stride {stride})" if stride > 1 else ""
+        nearest = tuple(max(1, round(s / t)) * t for s, t in zip(image_hw, total, strict=True))
         raise ValueError(
             f"Image size {tuple(image_hw)} is not divisible by the patch size {total} of "
-            f"{what}{stem}. Use an image size that is a multiple of {total}, e.g. "
-            f"{(max(1, image_hw[0] // total[0]) * total[0], max(1, image_hw[1] // total[1]) * total[1])}."
+            f"{what}{stem}. Use a multiple of {total}, e.g. {nearest}."
         )
