@@ -1,0 +1,506 @@
+"""The released checkpoint format (.npz) and the fine-tuning loader.
+
+This module owns: reading and writing the released `.npz` layout (flat `np.savez` of arrays keyed
+by '/'-joined paths, in the older module numbering), checking a parameter tree against the one a
+model expects, resampling the position table, converting between the unrolled and scanned
+encoder layouts, and `load_pretrained`, which adapts a pretrained tree to a new model. It does not
+own training checkpoints (optimizer state, resume), which live with the training loop.
+
+Every function here is strict: a mismatch fails with the full list of what differs unless it is
+one that fine-tuning changes on purpose (head, pre_logits, class token, position table).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import re
+import zipfile
+import zlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+RELEASED_FILES_HINT = (
+    "Released checkpoints are published in the public bucket gs://vit_models/ "
+    "(https://console.cloud.google.com/storage/browser/vit_models), e.g. "
+    "gs://vit_models/imagenet21k/ViT-B_16.npz or gs://vit_models/augreg/*.npz; download one with "
+    "`gsutil cp` or `wget https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz`."
+)
+_GIT_LFS_MAGIC = b"version https://git-lfs"
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+
+# Inside an encoder block, the released files number modules with one counter across types.
+_BLOCK_TO_RELEASED = {
+    "LayerNorm_0": "LayerNorm_0",
+    "MultiHeadDotProductAttention_0": "MultiHeadDotProductAttention_1",
+    "LayerNorm_1": "LayerNorm_2",
+    "MlpBlock_0": "MlpBlock_3",
+}
+_NUMBERED = re.compile(r"^(.*)_(\d+)$")
+_UNROLLED_BLOCK = re.compile(r"^encoderblock_(\d+)$")
+SCANNED_BLOCK = "encoderblock"
+
+Params = dict[str, Any]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or parameter tree that cannot be used as it is."""
+
+
+# --------------------------------------------------------------------------- reading / writing
+
+
+def load(path: str | os.PathLike) -> Params:
+    """Reads a released-format `.npz` into a nested dict of NumPy arrays (current Linen names).
+
+    Accepts the released files (older module numbering, hybrid GroupNorm params stored as
+    (1, 1, 1, C)) and files already in the current numbering. Never unpickles anything.
+    """
+    path = epath.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Checkpoint not found: {os.fspath(path)!r}. {RELEASED_FILES_HINT}")
+    if path.is_dir():
+        raise CheckpointError(
+            f"Checkpoint path {os.fspath(path)!r} is a directory; expected a released-format .npz "
+            "file."
+        )
+    flat = _read_npz(path)
+    tree = unflatten(flat)
+    return squeeze_groupnorm(from_released_numbering(tree))
+
+
+def save(params: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Writes `params` as a released-format `.npz` that other readers of the format load.
+
+    Encoder blocks are written unrolled and in the older numbering
+    (`MultiHeadDotProductAttention_1`, `LayerNorm_2`, `MlpBlock_3`), which the original code and timm's `_load_weights` expect;
+    GroupNorm params are written as (C,), which every reader accepts. The file is written to a
+    temporary name and renamed, so an existing file at `path` stays intact if writing fails.
+    """
+    path = epath.Path(path)
+    params = unscan_params(params) if is_scanned(params) else params
+    flat = flatten(to_released_numbering(params))
+    arrays = {key: np.asarray(value) for key, value in flat.items()}
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        with tmp.open("wb") as f:
+            np.savez(f, **arrays)
+        tmp.rename(path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _read_npz(path: epath.Path) -> dict[str, np.ndarray]:
+    name = os.fspath(path)
+    data = path.read_bytes()
+    head = data[:64]
+    if not data:
+        raise CheckpointError(f"Checkpoint {name!r} is an empty file, not an .npz archive.")
+    if head.startswith(_GIT_LFS_MAGIC):
+        raise CheckpointError(
+            f"Checkpoint {name!r} is a Git LFS pointer ({len(data)} bytes of text), not the "
+            "checkpoint itself. Fetch the real file with `git lfs pull`, or download it directly. "
+            + RELEASED_FILES_HINT
+        )
+    if head.startswith(_NPY_MAGIC):
+        raise CheckpointError(
+            f"Checkpoint {name!r} is a single .npy array, not an .npz archive of named params."
+        )
+    if not head.startswith(_ZIP_MAGICS):
+        raise CheckpointError(
+            f"Checkpoint {name!r} is not an .npz archive (it starts with {head[:16]!r}). "
+            "Expected a file written by numpy.savez, such as the released checkpoints."
+        )
+    try:
+        archive = np.load(io.BytesIO(data), allow_pickle=False)
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"Checkpoint {name!r} is truncated or corrupt ({len(data)} bytes; {e}). Download it "
+            "again."
+        ) from None
+    flat = {}
+    with archive:
+        for key in archive.files:
+            try:
+                flat[key] = archive[key]
+            except ValueError as e:
+                if "allow_pickle" in str(e) or "Object arrays" in str(e):
+                    raise CheckpointError(
+                        f"Checkpoint {name!r} holds Python objects in {key!r} (a pickled object "
+                        "array). Refused: checkpoints are loaded with allow_pickle=False and "
+                        "nothing is ever unpickled. Re-save the params as plain numeric arrays."
+                    ) from None
+                raise CheckpointError(
+                    f"Checkpoint {name!r}: array {key!r} is corrupt: {e}"
+                ) from None
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+                raise CheckpointError(
+                    f"Checkpoint {name!r} is truncated or corrupt: array {key!r} cannot be read "
+                    f"({e}). Download it again."
+                ) from None
+    if not flat:
+        raise CheckpointError(f"Checkpoint {name!r} is an .npz archive with no arrays in it.")
+    return flat
+
+
+# --------------------------------------------------------------------------- tree layouts
+
+
+def flatten(tree: Mapping[str, Any], sep: str = "/") -> dict[str, Any]:
+    """{'a': {'b': x}} → {'a/b': x}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            for sub_key, sub_value in flatten(value, sep).items():
+                flat[f"{key}{sep}{sub_key}"] = sub_value
+        else:
+            flat[key] = value
+    return flat
+
+
+def unflatten(flat: Mapping[str, Any], sep: str = "/") -> Params:
+    """{'a/b': x} → {'a': {'b': x}}."""
+    tree: Params = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(sep)
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise CheckpointError(f"Key {key!r} nests under an array in the checkpoint.")
+        node[leaf] = value
+    return tree
+
+
+def from_released_numbering(tree: Mapping[str, Any]) -> Params:
+    """Renumbers modules per type (`LayerNorm_0, MultiHeadDotProductAttention_1, LayerNorm_2`
+    → `LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1`) at every level of the tree.
+
+    Within one parent, names `<type>_<n>` of the same type keep their order and are numbered
+    0, 1, ... A tree already in the current numbering comes back unchanged.
+    """
+    by_type: dict[str, list[tuple[int, str]]] = {}
+    for key in tree:
+        match = _NUMBERED.match(key)
+        if match:
+            by_type.setdefault(match.group(1), []).append((int(match.group(2)), key))
+    renamed = {}
+    for prefix, numbered in by_type.items():
+        for new_index, (_, key) in enumerate(sorted(numbered)):
+            renamed[key] = f"{prefix}_{new_index}"
+    return {
+        renamed.get(key, key): from_released_numbering(value)
+        if isinstance(value, Mapping)
+        else value
+        for key, value in tree.items()
+    }
+
+
+def to_released_numbering(tree: Mapping[str, Any]) -> Params:
+    """Current Linen names → the released files' names inside every `encoderblock_{i}`."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            if _UNROLLED_BLOCK.match(key):
+                value = {_BLOCK_TO_RELEASED.get(k, k): v for k, v in value.items()}
+            value = to_released_numbering(value)
+        out[key] = value
+    return out
+
+
+def squeeze_groupnorm(tree: Mapping[str, Any]) -> Params:
+    """GroupNorm scale/bias stored as (1, 1, 1, C) in older hybrid files → (C,)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            if key.startswith("gn"):
+                value = {
+                    k: v.reshape(v.shape[-1]) if _is_broadcast_vector(v) else v
+                    for k, v in value.items()
+                }
+            value = squeeze_groupnorm(value)
+        out[key] = value
+    return out
+
+
+def _is_broadcast_vector(v: Any) -> bool:
+    shape = getattr(v, "shape", ())
+    return len(shape) > 1 and all(d == 1 for d in shape[:-1])
+
+
+def is_scanned(params: Mapping[str, Any]) -> bool:
+    """True when the encoder blocks are stacked under `Transformer/encoderblock`."""
+    transformer = params.get("Transformer", {})
+    return isinstance(transformer, Mapping) and SCANNED_BLOCK in transformer
+
+
+def scan_params(params: Mapping[str, Any]) -> Params:
+    """Unrolled `Transformer/encoderblock_{i}` → one `Transformer/encoderblock` whose leaves
+    carry a leading axis of length num_layers (the layout of a model built with `scan=True`)."""
+    transformer = dict(params["Transformer"])
+    indices = sorted(int(m.group(1)) for k in transformer if (m := _UNROLLED_BLOCK.match(k)))
+    if not indices:
+        raise CheckpointError("scan_params: no Transformer/encoderblock_{i} entries to stack.")
+    if indices != list(range(len(indices))):
+        raise CheckpointError(f"scan_params: encoder blocks are not numbered 0..n-1: {indices}.")
+    blocks = [flatten(transformer.pop(f"encoderblock_{i}")) for i in indices]
+    keys = set(blocks[0])
+    for i, block in enumerate(blocks):
+        if set(block) != keys:
+            raise CheckpointError(
+                f"scan_params: encoderblock_{i} has different params than encoderblock_0: "
+                f"{sorted(keys ^ set(block))}."
+            )
+    transformer[SCANNED_BLOCK] = unflatten(
+        {k: np.stack([np.asarray(b[k]) for b in blocks]) for k in sorted(keys)}
+    )
+    return {**params, "Transformer": transformer}
+
+
+def unscan_params(params: Mapping[str, Any]) -> Params:
+    """Inverse of `scan_params`: one `encoderblock_{i}` per slice of the stacked leaves."""
+    transformer = dict(params["Transformer"])
+    stacked = flatten(transformer.pop(SCANNED_BLOCK))
+    lengths = {np.shape(v)[0] for v in stacked.values()}
+    if len(lengths) != 1:
+        raise CheckpointError(f"unscan_params: stacked leaves disagree on depth: {lengths}.")
+    for i in range(lengths.pop()):
+        transformer[f"encoderblock_{i}"] = unflatten({k: v[i] for k, v in stacked.items()})
+    return {**params, "Transformer": transformer}
+
+
+# --------------------------------------------------------------------------- checking
+
+
+def inspect_params(
+    *,
+    params: Mapping[str, Any],
+    expected: Mapping[str, Any],
+    fail_if_extra: bool = True,
+    fail_if_missing: bool = True,
+    fail_if_shape_mismatch: bool = True,
+) -> Params:
+    """Compares a parameter tree with the expected one (arrays or `jax.ShapeDtypeStruct`s).
+
+    Raises one CheckpointError listing every missing key, extra key and wrong shape (key,
+    expected, found), as far as the `fail_if_*` flags ask; the rest is logged. Returns `params`.
+    """
+    got, want = flatten(params), flatten(expected)
+    missing = sorted(want.keys() - got.keys())
+    extra = sorted(got.keys() - want.keys())
+    mismatched = [
+        (k, tuple(np.shape(want[k])), tuple(np.shape(got[k])))
+        for k in sorted(want.keys() & got.keys())
+        if tuple(np.shape(want[k])) != tuple(np.shape(got[k]))
+    ]
+    problems = []
+    if missing and fail_if_missing:
+        problems.append(_listing("missing from the checkpoint", missing))
+    if extra and fail_if_extra:
+        problems.append(_listing("extra in the checkpoint (the model has no such param)", extra))
+    if mismatched and fail_if_shape_mismatch:
+        lines = [f"{k}: model expects {w}, checkpoint has {g}" for k, w, g in mismatched]
+        problems.append(_listing("with the wrong shape", lines))
+    if problems:
+        raise CheckpointError("Parameters do not match the model:\n" + "\n".join(problems))
+    for label, items in (("missing", missing), ("extra", extra), ("mis-shaped", mismatched)):
+        if items:
+            logging.warning("inspect_params: %d %s keys allowed: %s", len(items), label, items)
+    return dict(params)
+
+
+def _listing(title: str, items: Iterable[str]) -> str:
+    items = list(items)
+    return f"  {len(items)} {title}:\n" + "\n".join(f"    {item}" for item in items)
+
+
+# --------------------------------------------------------------------------- position table
+
+
+def resample_grid(grid: np.ndarray, new_shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a (h, w, D) grid to (h', w', D) with corners aligned.
+
+    Output index i samples input coordinate i·(n_in−1)/(n_out−1) (0 when n_out is 1), the
+    same numbers as `scipy.ndimage.zoom(grid, (h'/h, w'/w, 1), order=1)`. Computed in float64,
+    returned in the input dtype.
+    """
+    grid = np.asarray(grid)
+    out = grid.astype(np.float64)
+    for axis, n_out in enumerate(new_shape):
+        out = _linear_resize_axis(out, axis, int(n_out))
+    return out.astype(grid.dtype)
+
+
+def _linear_resize_axis(x: np.ndarray, axis: int, n_out: int) -> np.ndarray:
+    n_in = x.shape[axis]
+    if n_in == n_out:
+        return x
+    coords = np.zeros(n_out) if n_out == 1 else np.arange(n_out) * ((n_in - 1) / (n_out - 1))
+    low = np.clip(np.floor(coords).astype(int), 0, n_in - 1)
+    high = np.minimum(low + 1, n_in - 1)
+    frac = coords - low
+    shape = [1] * x.ndim
+    shape[axis] = n_out
+    frac = frac.reshape(shape)
+    return np.take(x, low, axis=axis) * (1 - frac) + np.take(x, high, axis=axis) * frac
+
+
+def interpolate_posembed(
+    posemb: np.ndarray,
+    num_tokens: int,
+    has_class_token: bool,
+    *,
+    new_has_class_token: bool | None = None,
+    old_grid_shape: tuple[int, int] | None = None,
+    new_grid_shape: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Resamples a (1, N, D) position table to `num_tokens` rows.
+
+    The class row (row 0, when `has_class_token`) is split off, the rest is reshaped to its grid,
+    resized per channel with corner-aligned bilinear interpolation (`resample_grid`), flattened,
+    and the class row is put back in front: the original algorithm and numbers for square grids.
+
+    Beyond the original:
+      * non-square grids: pass `old_grid_shape` / `new_grid_shape` as (rows, cols); a grid that
+        is not square without them is an error;
+      * `new_has_class_token` (default: `has_class_token`) converts between tables with and
+        without the class row. Going token → no token drops the class row. Going no token →
+        token prepends a zero row: no learned row exists, and zero leaves the class token with no
+        positional bias until fine-tuning learns one.
+    `num_tokens` counts the class row when the new table has one.
+    """
+    posemb = np.asarray(posemb)
+    if posemb.ndim != 3 or posemb.shape[0] != 1:
+        raise CheckpointError(f"Position table must have shape (1, N, D), got {posemb.shape}.")
+    new_has_class_token = has_class_token if new_has_class_token is None else new_has_class_token
+    if has_class_token:
+        class_row, grid = posemb[:, :1], posemb[0, 1:]
+    else:
+        class_row, grid = None, posemb[0]
+    new_grid_tokens = num_tokens - int(new_has_class_token)
+    old_shape = _grid_shape(len(grid), old_grid_shape, "old")
+    new_shape = _grid_shape(new_grid_tokens, new_grid_shape, "new")
+    grid = resample_grid(grid.reshape(*old_shape, -1), new_shape).reshape(1, new_grid_tokens, -1)
+    if not new_has_class_token:
+        return grid
+    if class_row is None:
+        class_row = np.zeros((1, 1, grid.shape[-1]), grid.dtype)
+    return np.concatenate([class_row, grid], axis=1)
+
+
+def _grid_shape(tokens: int, given: tuple[int, int] | None, which: str) -> tuple[int, int]:
+    if given is not None:
+        rows, cols = (int(d) for d in given)
+        if rows * cols != tokens:
+            raise CheckpointError(
+                f"The {which} grid shape {(rows, cols)} has {rows * cols} cells, but the {which} "
+                f"position table has {tokens} grid rows (class row excluded)."
+            )
+        return rows, cols
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise CheckpointError(
+            f"The {which} position table has {tokens} grid rows (class row excluded), which is "
+            f"not a square grid; pass {which}_grid_shape=(rows, cols)."
+        )
+    return side, side
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+def load_pretrained(
+    *,
+    pretrained_path: str | os.PathLike,
+    init_params: Mapping[str, Any],
+    model_config: Mapping[str, Any] | None = None,
+    old_grid_shape: tuple[int, int] | None = None,
+    new_grid_shape: tuple[int, int] | None = None,
+) -> Params:
+    """Loads pretrained params for fine-tuning a model whose fresh params are `init_params`.
+
+    Changes made on purpose (each logged): `head` comes from `init_params` (new class count,
+    fresh init); `pre_logits` is dropped when the new model has no representation layer, or
+    taken from `init_params` when only the new model has one; the class token follows the new
+    model; the position table is resampled to the new length (see `interpolate_posembed`).
+    Anything else that differs (missing, extra or mis-shaped keys) fails with one error listing
+    all of it. The pretrained file may be in either numbering and either encoder layout; the
+    result has the layout of `init_params`. `model_config` is accepted for compatibility with the
+    original signature and used only in messages; the new model's structure is read from
+    `init_params`.
+    """
+    restored = load(pretrained_path)
+    restored = adapt_for_finetuning(
+        restored,
+        init_params,
+        old_grid_shape=old_grid_shape,
+        new_grid_shape=new_grid_shape,
+    )
+    name = (model_config or {}).get("model_name") or "the model"
+    logging.info("load_pretrained: %s loaded for %s", os.fspath(pretrained_path), name)
+    return restored
+
+
+def adapt_for_finetuning(
+    restored: Mapping[str, Any],
+    init_params: Mapping[str, Any],
+    *,
+    old_grid_shape: tuple[int, int] | None = None,
+    new_grid_shape: tuple[int, int] | None = None,
+) -> Params:
+    """The tree changes of `load_pretrained`, on an already loaded tree."""
+    init_params = _as_plain_dict(init_params)
+    target_scanned = is_scanned(init_params)
+    expected = unscan_params(init_params) if target_scanned else init_params
+    params = _as_plain_dict(restored)
+    params = unscan_params(params) if is_scanned(params) else params
+
+    for key in ("head", "pre_logits", "cls"):
+        if key in expected and key not in params:
+            logging.info("load_pretrained: %s not in the checkpoint, fresh init kept", key)
+            params[key] = expected[key]
+        elif key not in expected and key in params:
+            logging.info("load_pretrained: %s dropped (the new model has none)", key)
+            del params[key]
+    if "head" in expected:
+        params["head"] = expected["head"]
+
+    posemb_path = ("Transformer", "posembed_input", "pos_embedding")
+    old = _get_path(params, posemb_path)
+    new = _get_path(expected, posemb_path)
+    if old is not None and new is not None and np.shape(old) != np.shape(new):
+        resampled = interpolate_posembed(
+            old,
+            np.shape(new)[1],
+            has_class_token="cls" in restored,
+            new_has_class_token="cls" in expected,
+            old_grid_shape=old_grid_shape,
+            new_grid_shape=new_grid_shape,
+        )
+        logging.info(
+            "load_pretrained: position table resampled %s → %s", np.shape(old), resampled.shape
+        )
+        params["Transformer"]["posembed_input"]["pos_embedding"] = resampled
+
+    params = inspect_params(params=params, expected=expected)
+    return scan_params(params) if target_scanned else params
+
+
+def _as_plain_dict(tree: Mapping[str, Any]) -> Params:
+    return {k: _as_plain_dict(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
+
+
+def _get_path(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = tree
+    for part in path:
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
