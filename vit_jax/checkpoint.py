@@ -79,7 +79,8 @@ def save(params: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Writes `params` as a released-format `.npz` that other readers of the format load.
 
     Encoder blocks are written unrolled and in the older numbering
-    (`MultiHeadDotProductAttention_1`, `LayerNorm_2`, `MlpBlock_3`), which the original code and timm's `_load_weights` expect;
+    (`MultiHeadDotProductAttention_1`, `LayerNorm_2`, `MlpBlock_3`), which the original code and
+    timm's `_load_weights` expect;
     GroupNorm params are written as (C,), which every reader accepts. The file is written to a
     temporary name and renamed, so an existing file at `path` stays intact if writing fails.
     """
