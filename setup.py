@@ -32,6 +32,8 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest>=9.0", "ruff>=0.17"],
+        # An independent reader of the released format, for the interop tests (CPU torch).
+        "interop": ["torch==2.13.0", "torchvision==0.28.0", "timm==1.0.31"],
     },
     license="Apache-2.0",
 )

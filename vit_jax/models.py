@@ -19,7 +19,14 @@ import ml_collections
 from vit_jax.models_mixer import MlpMixer
 from vit_jax.models_vit import VisionTransformer
 
-__all__ = ["MODEL_CONFIGS", "MlpMixer", "VisionTransformer", "get_config", "get_model"]
+__all__ = [
+    "MODEL_CONFIGS",
+    "MlpMixer",
+    "VisionTransformer",
+    "get_config",
+    "get_model",
+    "model_config",
+]
 
 # name: (hidden, mlp_dim, heads, layers, patch, dropout, resnet (units per stage, width) or None,
 #        classifier)
@@ -121,8 +128,8 @@ def model_class(name: str) -> type[nn.Module]:
     return MlpMixer if name.startswith("Mixer-") else VisionTransformer
 
 
-def get_model(name: str, **overrides: Any) -> nn.Module:
-    """The zoo model `name` with overrides: `get_model('ViT-B_16', num_classes=10)`.
+def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
+    """The zoo config `name` with constructor overrides applied and checked.
 
     A Mapping given for a nested config (`transformer=dict(dropout_rate=0.)`) updates only the
     keys it names. Keys the model does not have are rejected, listing the valid ones.
@@ -140,6 +147,15 @@ def get_model(name: str, **overrides: Any) -> nn.Module:
             config[key].update(dict(value))
         else:
             config[key] = value
-    if "num_classes" not in config:
+    return config
+
+
+def get_model(name: str, **overrides: Any) -> nn.Module:
+    """The zoo model `name` with overrides: `get_model('ViT-B_16', num_classes=10)`.
+
+    `num_classes` is required (0 or None for a model that returns features); the other
+    overrides are those of `model_config`.
+    """
+    if "num_classes" not in overrides:
         raise ValueError(f"get_model({name!r}) needs num_classes= (0 or None for features).")
-    return cls(**config)
+    return model_class(name)(**model_config(name, **overrides))
