@@ -1,0 +1,119 @@
+"""Learning-rate schedules and optimizers (optax) for pretraining and fine-tuning.
+
+This module owns the schedule formula and the optimizer choice; the training loop reads the
+config and calls these with plain arguments. The schedule is a function of the optimizer's
+update count (0 for the first update), so the lr the loop logs for a step is the lr optax
+applies at that step, and the first update already has a non-zero lr.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+DECAY_TYPES = ("cosine", "linear")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+Schedule = Callable[[jax.Array | int], jax.Array]
+
+
+def learning_rate_schedule(
+    *,
+    base_lr: float,
+    total_steps: int,
+    warmup_steps: int,
+    decay_type: str = "cosine",
+    linear_end: float = 0.0,
+) -> Schedule:
+    """Linear warmup to `base_lr`, then cosine or linear decay to `linear_end` at `total_steps`.
+
+    With t = count + 1 the 1-based update number:
+      warmup factor  min(1, t / warmup_steps)          (1 when warmup_steps == 0)
+      progress       clip((t - warmup_steps) / (total_steps - warmup_steps), 0, 1)
+      cosine         linear_end + (base_lr - linear_end) · ½(1 + cos(π · progress))
+      linear         linear_end + (base_lr - linear_end) · (1 - progress)
+    The first update uses base_lr / warmup_steps (not 0) and the last one `linear_end`.
+    """
+    if decay_type not in DECAY_TYPES:
+        raise ValueError(f"Unknown decay_type={decay_type!r}; valid values: {DECAY_TYPES}.")
+    if base_lr < 0 or linear_end < 0:
+        raise ValueError(f"Learning rates must be ≥ 0: base_lr={base_lr}, linear_end={linear_end}.")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be ≥ 0, got {warmup_steps}.")
+    if total_steps <= warmup_steps:
+        raise ValueError(
+            f"total_steps ({total_steps}) must be larger than warmup_steps ({warmup_steps}); "
+            "lower warmup_steps or raise total_steps."
+        )
+
+    def schedule(count):
+        t = jnp.asarray(count, jnp.float32) + 1.0
+        progress = jnp.clip((t - warmup_steps) / (total_steps - warmup_steps), 0.0, 1.0)
+        if decay_type == "cosine":
+            shape = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        else:
+            shape = 1.0 - progress
+        lr = linear_end + (base_lr - linear_end) * shape
+        if warmup_steps:
+            lr = lr * jnp.minimum(1.0, t / warmup_steps)
+        return lr.astype(jnp.float32)
+
+    return schedule
+
+
+def kernel_mask(params: Any) -> Any:
+    """True for weight matrices and convolution kernels (params named `kernel`), else False.
+
+    Weight decay applies to these only: never to biases, LayerNorm/GroupNorm scales, the class
+    token or the position table.
+    """
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) == "kernel", params
+    )
+
+
+def make_optimizer(
+    name: str,
+    schedule: Schedule,
+    *,
+    grad_clip_norm: float | None = 1.0,
+    momentum: float = 0.9,
+    accumulator_dtype: Any = None,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    weight_decay: float = 0.0,
+) -> optax.GradientTransformation:
+    """Global-norm clipping, then SGD with momentum, Adam, or AdamW with kernel-only weight decay.
+
+    `accumulator_dtype` sets the dtype of SGD's momentum buffer and Adam's first moment (e.g.
+    jnp.bfloat16 to save memory). AdamW's decay is decoupled from the gradient and scaled by the
+    scheduled lr (optax.adamw).
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {name!r}; valid values: {OPTIMIZERS}.")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be ≥ 0, got {weight_decay}.")
+    if name == "sgd":
+        if weight_decay:
+            raise ValueError("optimizer 'sgd' takes no weight_decay; use 'adamw' or set it to 0.")
+        core = optax.sgd(schedule, momentum=momentum or None, accumulator_dtype=accumulator_dtype)
+    elif name == "adam":
+        if weight_decay:
+            raise ValueError("optimizer 'adam' takes no weight_decay; use 'adamw' for decay.")
+        core = optax.adam(schedule, b1=b1, b2=b2, mu_dtype=accumulator_dtype)
+    else:
+        core = optax.adamw(
+            schedule,
+            b1=b1,
+            b2=b2,
+            mu_dtype=accumulator_dtype,
+            weight_decay=weight_decay,
+            mask=kernel_mask,
+        )
+    if grad_clip_norm:
+        return optax.chain(optax.clip_by_global_norm(grad_clip_norm), core)
+    return core
