@@ -144,6 +144,13 @@ def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
         )
     for key, value in overrides.items():
         if isinstance(value, Mapping) and isinstance(config.get(key), ml_collections.ConfigDict):
+            nested_valid = sorted(config[key].keys())
+            nested_unknown = sorted(set(value) - set(nested_valid))
+            if nested_unknown:
+                raise ValueError(
+                    f"{cls.__name__} ({name}) {key} has no option(s) {nested_unknown}; "
+                    f"valid: {nested_valid}."
+                )
             config[key].update(dict(value))
         else:
             config[key] = value

@@ -9,8 +9,9 @@ tree, except that `scan=True` stacks the encoder blocks under one `encoderblock`
 (`vit_jax.checkpoint.scan_params` / `unscan_params` convert between the layouts).
 
 Named intermediates: apply with `mutable=['intermediates']` to get the encoder's per-token
-output (`encoded`), the pooled `pre_logits` and, with `attention_impl='flax'`, every block's
-attention weights (`.../MultiHeadDotProductAttention_0/attention_weights`), without new flags.
+output (`encoded`), the pooled `pre_logits` (at `pre_logits/__call__`) and, with
+`attention_impl='flax'`, every block's attention weights
+(`.../MultiHeadDotProductAttention_0/attention_weights`), without new flags.
 """
 
 from __future__ import annotations
@@ -85,10 +86,28 @@ def fused_attention_fn(implementation: str | None) -> Callable[..., jax.Array]:
 
 
 class IdentityLayer(nn.Module):
-    """Names a point in the model (`pre_logits`) without adding parameters."""
+    """Names a point in the model (`pre_logits`) without adding parameters.
+
+    Sows its output as intermediates `<name>/__call__` (the layout of Flax's
+    `capture_intermediates`): a `sow` named like a child module in the parent would collide.
+    """
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        self.sow("intermediates", "__call__", x)
+        return x
+
+
+class TanhDense(nn.Dense):
+    """Dense + tanh (`pre_logits` with a representation layer); params as a plain Dense.
+
+    Sows its output as intermediates `<name>/__call__`, like `IdentityLayer`.
+    """
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        x = nn.tanh(super().__call__(inputs))
+        self.sow("intermediates", "__call__", x)
         return x
 
 
@@ -329,11 +348,9 @@ class VisionTransformer(nn.Module):
             x = jnp.mean(x, axis=1)
 
         if self.representation_size is not None:
-            x = nn.Dense(features=self.representation_size, dtype=self.dtype, name="pre_logits")(x)
-            x = nn.tanh(x)
+            x = TanhDense(features=self.representation_size, dtype=self.dtype, name="pre_logits")(x)
         else:
             x = IdentityLayer(name="pre_logits")(x)
-        self.sow("intermediates", "pre_logits", x)
 
         if self.num_classes:
             x = nn.Dense(

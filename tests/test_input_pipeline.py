@@ -1,0 +1,312 @@
+"""Tests for vit_jax.input_pipeline: offline, on tiny data (digits, image folder, tfds mock)."""
+
+import collections
+import logging
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from vit_jax import input_pipeline as ip
+
+DEVICES = 8
+
+
+def _train(dataset="sklearn_digits", split="train", **kw):
+    args = dict(image_size=8, global_batch_size=16, local_device_count=DEVICES, seed=0)
+    return ip.get_train_iterator(dataset, split, **(args | kw))
+
+
+def _eval(dataset="sklearn_digits", split="test", **kw):
+    args = dict(image_size=8, global_batch_size=64, local_device_count=DEVICES)
+    return ip.get_eval_iterator(dataset, split, **(args | kw))
+
+
+def _take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def _eval_labels(batches):
+    """Class ids of the real (mask 1) examples, and the number of padded ones."""
+    labels, padded = [], 0
+    for batch in batches:
+        mask = batch["mask"].reshape(-1)
+        label = batch["label"].reshape(mask.size, -1)
+        labels += list(label[mask == 1].argmax(-1))
+        padded += int((mask == 0).sum())
+        assert not label[mask == 0].any()
+    return labels, padded
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedded digits.
+
+
+def test_digits_info_split_sizes_and_classes():
+    info = ip.get_dataset_info("sklearn_digits", train_split="train", test_split="test")
+    assert info.num_classes == 10
+    assert info.class_names == tuple("0123456789")
+    assert info.num_examples == {"train": 1437, "test": 360}  # 1797, stratified 80/20
+    train_y, test_y = ip._digits_split("train")[1], ip._digits_split("test")[1]
+    assert set(np.bincount(test_y)) <= {35, 36, 37}  # stratified: about 36 per class
+    assert len(train_y) + len(test_y) == 1797
+    images = ip._digits_split("train")[0]
+    assert images.shape == (1437, 8, 8, 3) and images.dtype == np.uint8 and images.max() == 255
+
+
+def test_train_batch_shapes_dtypes_and_range():
+    batch = next(_train(image_size=16))
+    assert batch["image"].shape == (DEVICES, 2, 16, 16, 3)
+    assert batch["image"].dtype == np.float32
+    assert batch["label"].shape == (DEVICES, 2, 10)
+    assert batch["label"].dtype == np.float32
+    assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
+    np.testing.assert_array_equal(batch["label"].sum(-1), 1.0)
+
+
+def test_train_stream_is_reproducible_and_resumes_exactly():
+    uninterrupted = _take(_train(seed=3), 5)
+    again = _take(_train(seed=3), 5)
+    resumed = _take(_train(seed=3, start_step=3), 2)
+    for a, b in zip(uninterrupted, again, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+    for a, b in zip(uninterrupted[3:], resumed, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    other_seed = next(_train(seed=4))
+    assert not np.array_equal(other_seed["image"], uninterrupted[0]["image"])
+
+
+def test_augmentation_differs_across_processes():
+    first = next(_train(process_index=0, process_count=2))
+    second = next(_train(process_index=1, process_count=2))
+    assert first["image"].shape == (DEVICES, 1, 8, 8, 3)
+    assert not np.array_equal(first["image"], second["image"])
+
+
+def test_eval_covers_every_example_once_with_padding():
+    batches = _eval()
+    assert len(batches) == 6  # ceil(360 / 64)
+    labels, padded = _eval_labels(batches)
+    assert padded == 6 * 64 - 360
+    assert collections.Counter(labels) == collections.Counter(ip._digits_split("test")[1].tolist())
+    again, _ = _eval_labels(batches)  # re-iterable, one full pass each time
+    assert again == labels
+    first = next(iter(batches))
+    assert first["image"].shape == (DEVICES, 8, 8, 8, 3)
+    assert first["mask"].shape == (DEVICES, 8) and first["mask"].dtype == np.float32
+
+
+def test_eval_over_two_processes_is_disjoint_and_complete():
+    per_process = [_eval(process_index=i, process_count=2) for i in range(2)]
+    assert len(per_process[0]) == len(per_process[1])  # no process waits on the other
+    labels = [_eval_labels(batches)[0] for batches in per_process]
+    assert [len(x) for x in labels] == [180, 180]
+    assert collections.Counter(labels[0] + labels[1]) == collections.Counter(
+        ip._digits_split("test")[1].tolist()
+    )
+
+
+def test_eval_resize_small_crop_shape():
+    batch = next(iter(_eval(image_size=16, eval_crop="resize_small_crop")))
+    assert batch["image"].shape == (DEVICES, 8, 16, 16, 3)
+    assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
+
+
+def test_eval_resize_is_exact_at_native_size():
+    batch = next(iter(_eval(global_batch_size=8)))
+    raw = ip._digits_split("test")[0][:8].astype(np.float32) / 127.5 - 1.0
+    np.testing.assert_allclose(batch["image"].reshape(8, 8, 8, 3), raw, atol=1e-6)
+
+
+def test_inception_crop_on_tiny_images_upscales():
+    image = tf.constant(np.arange(12, dtype=np.uint8).reshape(2, 2, 3))
+    for i in range(10):
+        crop = ip._inception_crop(image, tf.constant([i, 0], tf.int64))
+        assert crop.shape[0] >= 1 and crop.shape[1] >= 1 and crop.shape[2] == 3
+        assert ip._resize(crop, 32).shape == (32, 32, 3)
+
+
+def test_multi_hot_labels():
+    label = ip._encode_label(tf.constant([1, 3, 3], tf.int64), 5, multi_hot=True)
+    np.testing.assert_array_equal(label.numpy(), [0, 1, 0, 1, 0])
+    with pytest.raises(ValueError, match="multi_hot"):
+        ip._encode_label(tf.constant([1, 3], tf.int64), 5, multi_hot=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Clear errors.
+
+
+def test_batch_not_divisible_names_the_numbers():
+    with pytest.raises(ValueError, match=r"global_batch_size=12 .* 2 × 8 = 16"):
+        _train(global_batch_size=12, process_count=2)
+    with pytest.raises(ValueError, match="global_batch_size=10"):
+        _eval(global_batch_size=10)
+
+
+def test_unknown_eval_crop():
+    with pytest.raises(ValueError, match="resize_small_crop"):
+        _eval(eval_crop="centre")
+
+
+def test_tfds_not_prepared_says_how_to_prepare(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        ip.get_dataset_info(
+            "cifar10",
+            train_split="train",
+            test_split="test",
+            data_dir=str(tmp_path),
+            download=False,
+        )
+    message = str(err.value)
+    assert "'cifar10'" in message and str(tmp_path) in message
+    assert f"tfds build cifar10 --data_dir={tmp_path}" in message
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folders.
+
+
+def _save(path, image, **kw):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **kw)
+    return path
+
+
+def _rgb(seed, size=(12, 10)):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+
+
+def _make_folder(root):
+    """train: cat ×3 (JPEG, grey PNG, RGBA PNG), dog ×3 (16-bit PNG, CMYK JPEG, palette PNG)
+    plus a corrupt JPEG and a text file; test: one image per class."""
+    train, test = root / "train", root / "test"
+    _save(train / "cat" / "a.jpg", _rgb(0))
+    _save(train / "cat" / "b.png", _rgb(1).convert("L"))
+    _save(train / "cat" / "c.png", _rgb(2).convert("RGBA"))
+    _save(train / "dog" / "d.png", Image.fromarray(np.full((9, 7), 65535, np.uint16)))
+    _save(train / "dog" / "e.jpg", _rgb(3).convert("CMYK"))
+    _save(train / "dog" / "f.png", _rgb(4).convert("P"))
+    (train / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (train / "dog" / "notes.txt").write_text("not an image")
+    _save(test / "cat" / "g.png", _rgb(5, (5, 5)))
+    _save(test / "dog" / "h.jpg", _rgb(6, (30, 20)))
+    return root
+
+
+def test_folder_mixed_formats_skips_bad_files_once(tmp_path, caplog):
+    root = _make_folder(tmp_path / "pets")
+    dataset = f"folder:{root}"
+    with caplog.at_level(logging.WARNING, logger=ip.__name__):
+        info = ip.get_dataset_info(dataset, train_split="train", test_split="test")
+        batches = _eval(dataset, "train", global_batch_size=8)
+        next(_train(dataset, global_batch_size=8))
+    warnings = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "skipped 2" in warnings[0]
+    assert "broken.jpg" in warnings[0] and "notes.txt" in warnings[0]
+    assert info.class_names == ("cat", "dog") and info.num_classes == 2
+    assert info.num_examples == {"train": 6, "test": 2}
+    labels, padded = _eval_labels(batches)
+    assert sorted(labels) == [0, 0, 0, 1, 1, 1] and padded == 2
+    batch = next(iter(batches))
+    assert batch["image"].shape == (DEVICES, 1, 8, 8, 3)
+    assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
+
+
+def test_folder_every_mode_decodes_to_rgb_uint8(tmp_path):
+    root = _make_folder(tmp_path / "pets")
+    for path in sorted((root / "train").rglob("*.*")):
+        if path.name in ("broken.jpg", "notes.txt"):
+            assert not ip._is_readable_image(str(path))
+            continue
+        image = ip._read_rgb(str(path))
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3, path.name
+    white = ip._read_rgb(str(root / "train" / "dog" / "d.png"))  # 16-bit 65535 → 255, not clipped
+    assert Image.open(root / "train" / "dog" / "d.png").mode.startswith("I")
+    np.testing.assert_array_equal(white, 255)
+    grey = ip._read_rgb(str(root / "train" / "cat" / "b.png"))
+    np.testing.assert_array_equal(grey[..., 0], grey[..., 2])
+
+
+def test_folder_process_slices_are_disjoint_and_cover(tmp_path):
+    root = _make_folder(tmp_path / "pets")
+    slices = []
+    for i in range(2):
+        source = ip._load_source(f"folder:{root}", "train", process_index=i, process_count=2)
+        slices.append({x["image"] for x in source.dataset.as_numpy_iterator()})
+        assert source.num_examples == 3 and source.max_process_examples == 3
+    assert not slices[0] & slices[1]
+    assert len(slices[0] | slices[1]) == 6
+
+
+def test_folder_errors_name_the_path(tmp_path):
+    root = _make_folder(tmp_path / "pets")
+    for split in ("train", "test"):
+        other = tmp_path / f"no_{split}"
+        (other / ("test" if split == "train" else "train") / "cat").mkdir(parents=True)
+        with pytest.raises(ValueError, match=f"no '{split}/' directory.*{other}"):
+            ip.get_dataset_info(f"folder:{other}", train_split="train", test_split="test")
+    (root / "train" / "bird").mkdir()
+    with pytest.raises(ValueError, match=r"Class folder .*train/bird"):
+        ip.get_dataset_info(f"folder:{root}", train_split="train", test_split="test")
+    empty = tmp_path / "empty"
+    (empty / "train").mkdir(parents=True)
+    (empty / "test").mkdir()
+    with pytest.raises(ValueError, match=f"{empty}/train.* no class"):
+        ip.get_dataset_info(f"folder:{empty}", train_split="train", test_split="test")
+    with pytest.raises(ValueError, match="splits"):
+        _train(f"folder:{root}", "validation")
+    junk = tmp_path / "junk"
+    for split in ("train", "test"):
+        (junk / split / "cat").mkdir(parents=True)
+        (junk / split / "cat" / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=f"{junk}/train.* no readable images"):
+        ip.get_dataset_info(f"folder:{junk}", train_split="train", test_split="test")
+
+
+# ----------------------------------------------------------------------------------------------
+# tfds (mocked: no download, no files).
+
+
+def test_tfds_mock_cifar10_info_train_and_eval():
+    with tfds.testing.mock_data(num_examples=12):
+        info = ip.get_dataset_info("cifar10", train_split="train[:98%]", test_split="test")
+        assert info.num_classes == 10 and len(info.class_names) == 10
+        assert info.num_examples == {"train[:98%]": 12, "test": 12}
+        kw = dict(image_size=16, shuffle_buffer=32)  # a big buffer would draw 10k mock images
+        stream = _take(_train("cifar10", "train[:98%]", **kw), 3)
+        resumed = next(_train("cifar10", "train[:98%]", start_step=2, **kw))
+        batches = _eval("cifar10", "test", global_batch_size=8)
+        labels, padded = _eval_labels(batches)
+    assert stream[0]["image"].shape == (DEVICES, 2, 16, 16, 3)
+    assert stream[0]["label"].shape == (DEVICES, 2, 10)
+    np.testing.assert_array_equal(stream[2]["image"], resumed["image"])
+    assert len(labels) == 12 and padded == 4 and len(batches) == 2
+
+
+def test_prefetch_to_device_shapes():
+    import jax
+
+    batch = next(ip.prefetch_to_device(_train(), 2))
+    assert isinstance(batch["image"], jax.Array)
+    assert batch["image"].shape == (DEVICES, 2, 8, 8, 3)
+
+
+def test_tfds_reads_an_even_split_per_process(monkeypatch):
+    requested = []
+    load = ip._tfds_load
+
+    def recording_load(name, split, **kw):
+        requested.append(split)
+        return load(name, split, **kw)
+
+    monkeypatch.setattr(ip, "_tfds_load", recording_load)
+    with tfds.testing.mock_data(num_examples=6):
+        for i in range(2):
+            _eval("cifar10", "test", global_batch_size=16, process_index=i, process_count=2)
+    assert requested == tfds.even_splits("test", n=2, drop_remainder=False)

@@ -1,0 +1,1023 @@
+"""Model tests: zoo parameter counts, pinned parameter trees, golden numerics, options, errors.
+
+The golden tests compare the Flax models with an independent NumPy forward pass written from the
+reference facts (REFERENCE.md §1-§3), run on random parameters (every leaf re-drawn, including
+the zero-initialised head, so nothing cancels trivially). Big models are only ever traced with
+`jax.eval_shape`; everything that runs uses tiny models and 16-32 px images.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_jax import checkpoint, models, models_vit
+from vit_jax.models_mixer import MlpMixer
+from vit_jax.models_vit import VisionTransformer
+
+# ----------------------------------------------------------------------------------------------
+# Helpers.
+
+
+def flat_shapes(tree) -> dict[str, tuple[int, ...]]:
+    """{'a/b/c': shape} for every leaf of a (possibly abstract) parameter tree."""
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/")
+    return {k: tuple(v.shape) for k, v in flat.items()}
+
+
+def param_count(tree) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
+
+
+def abstract_init(model, image_shape, **kwargs):
+    """Parameter tree (ShapeDtypeStructs) and output shape, without allocating anything."""
+    out, variables = jax.eval_shape(
+        lambda: model.init_with_output(
+            jax.random.key(0), jnp.zeros(image_shape, jnp.float32), train=False, **kwargs
+        )
+    )
+    return variables["params"], out
+
+
+def rng_key(seed: int) -> jax.Array:
+    """A PRNG key; 'rbg' compiles several times faster than the default threefry on CPU."""
+    return jax.random.key(seed, impl="rbg")
+
+
+def init_params(model, image_shape, seed=0):
+    """Real initial values (jitted: far faster than an eager init)."""
+    init = jax.jit(functools.partial(model.init, train=False))
+    return init(rng_key(seed), jnp.zeros(image_shape))["params"]
+
+
+def random_params(model, image_shape, seed):
+    """Random params in the model's layout (no init needed: every leaf is re-drawn)."""
+    return randomize(abstract_init(model, image_shape)[0], seed)
+
+
+# The token embeddings (patch/stem projection, class token, position table) are drawn small, so
+# the first LayerNorm sees a variance of ~1e-3 and its epsilon (1e-6, not 1e-5) shows in the
+# outputs well above the fp32 tolerance; everything else keeps activations O(1).
+TOKEN_SCALE = 0.03
+
+
+def randomize(params, seed: int):
+    """Draws every leaf (float32) anew with a fixed numpy seed (zero-init leaves included).
+
+    Takes real or abstract (ShapeDtypeStruct) leaves: only names and shapes are read.
+    """
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        shape = leaf.shape
+        token_embedding = name.split("/")[0] in ("embedding", "stem", "cls") or name.endswith(
+            "pos_embedding"
+        )
+        if name.endswith("scale"):
+            value = 1.0 + 0.2 * rng.standard_normal(shape)
+        elif name.endswith("bias") or name.endswith(("cls", "pos_embedding")):
+            value = 0.2 * rng.standard_normal(shape)
+        else:  # kernels: (..., in, out), or (D, heads, head_dim) for query/key/value
+            qkv = name.endswith(("query/kernel", "key/kernel", "value/kernel"))
+            fan_in = shape[0] if qkv else math.prod(shape[:-1])
+            value = rng.standard_normal(shape) / math.sqrt(fan_in)
+        if token_embedding:
+            value = TOKEN_SCALE * value
+        return jnp.asarray(value, jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, flax.core.unfreeze(params))
+
+
+def to_numpy64(tree):
+    return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), tree)
+
+
+def images(shape, seed=1) -> np.ndarray:
+    """Float32 images in [-1, 1], as the model expects (x / 127.5 - 1)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, size=shape)
+    return (pixels / 127.5 - 1.0).astype(np.float32)
+
+
+def jitted_apply(model, mutable=False):
+    if mutable:
+        return jax.jit(functools.partial(model.apply, train=False, mutable=["intermediates"]))
+    return jax.jit(functools.partial(model.apply, train=False))
+
+
+def logits(model, params, x) -> np.ndarray:
+    return np.asarray(jitted_apply(model)({"params": params}, x))
+
+
+def tiny_vit(**overrides) -> VisionTransformer:
+    kwargs = dict(
+        num_classes=5,
+        patches={"size": (4, 4)},
+        hidden_size=12,
+        transformer=dict(
+            num_layers=2, mlp_dim=24, num_heads=3, dropout_rate=0.0, attention_dropout_rate=0.0
+        ),
+        classifier="token",
+    )
+    kwargs.update(overrides)
+    return VisionTransformer(**kwargs)
+
+
+def tiny_hybrid(**overrides) -> VisionTransformer:
+    # width 64 * 0.5 = 32 channels, so every GroupNorm (32 groups) has >= 1 channel per group.
+    kwargs = dict(
+        num_classes=5,
+        patches={"size": (1, 1)},
+        hidden_size=16,
+        transformer=dict(
+            num_layers=1, mlp_dim=32, num_heads=2, dropout_rate=0.0, attention_dropout_rate=0.0
+        ),
+        resnet=dict(num_layers=(1, 1), width_factor=0.5),
+        classifier="token",
+    )
+    kwargs.update(overrides)
+    return VisionTransformer(**kwargs)
+
+
+def tiny_mixer(**overrides) -> MlpMixer:
+    kwargs = dict(
+        patches={"size": (8, 8)},
+        num_classes=5,
+        num_blocks=2,
+        hidden_dim=16,
+        tokens_mlp_dim=8,
+        channels_mlp_dim=32,
+    )
+    kwargs.update(overrides)
+    return MlpMixer(**kwargs)
+
+
+# Non-square image and grid (4 x 6 patches), so a transposed patch order would show.
+VIT_IMAGE = (2, 16, 24, 3)
+HYBRID_IMAGE = (2, 32, 32, 3)
+MIXER_IMAGE = (2, 32, 24, 3)
+
+# ----------------------------------------------------------------------------------------------
+# 1. The zoo: exact parameter counts (REFERENCE §4; num_classes=1000, 224 px).
+
+EXPECTED_PARAM_COUNTS = {
+    "testing": 21_390,
+    "testing-unpooled": 21_370,
+    "ViT-Ti_16": 5_717_416,
+    "ViT-S_16": 22_050_664,
+    "ViT-S_32": 22_878_952,
+    "ViT-B_16": 86_567_656,
+    "ViT-B_32": 88_224_232,
+    "ViT-B_8": 86_576_872,
+    "ViT-L_16": 304_326_632,
+    "ViT-L_32": 306_535_400,
+    "ViT-H_14": 632_045_800,
+    "ViT-S_16-gap-norep": 22_049_896,
+    "ViT-S_32-gap-norep": 22_878_184,
+    "ViT-B_16-gap-norep": 86_566_120,
+    "ViT-B_32-gap-norep": 88_222_696,
+    "R+ViT-Ti_16": 6_337_704,
+    "R26+ViT-S_32": 36_431_912,
+    "R26+ViT-B_32": 101_383_976,
+    "R50+ViT-B_16": 98_659_112,
+    "R50+ViT-L_32": 328_994_856,
+    "Mixer-B_16": 59_880_472,
+    "Mixer-B_32": 60_293_428,
+    "Mixer-L_16": 208_196_168,
+}
+
+
+def test_zoo_has_exactly_the_reference_models():
+    assert sorted(models.MODEL_CONFIGS) == sorted(EXPECTED_PARAM_COUNTS)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PARAM_COUNTS))
+def test_zoo_param_count(name):
+    model = models.get_model(name, num_classes=1000)
+    params, out = abstract_init(model, (1, 224, 224, 3))
+    assert param_count(params) == EXPECTED_PARAM_COUNTS[name]
+    if name == "testing-unpooled":
+        assert out.shape == (1, 14 * 14, 1000)
+    else:
+        assert out.shape == (1, 1000)
+    assert out.dtype == jnp.float32
+
+
+def test_r_ti_16_is_really_32_px_patches():
+    # REFERENCE §3: root only (/4) and patch 8, so a 7 x 7 grid at 224 px.
+    params, _ = abstract_init(models.get_model("R+ViT-Ti_16", num_classes=10), (1, 224, 224, 3))
+    assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 1 + 7 * 7, 192)
+    assert not any(k.startswith("block") for k in params)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Full parameter trees (REFERENCE §1-§3, Linen names).
+
+
+def _block_shapes(prefix: str, d: int, heads: int, mlp: int) -> dict[str, tuple[int, ...]]:
+    hd = d // heads
+    attn = f"{prefix}/MultiHeadDotProductAttention_0"
+    return {
+        f"{prefix}/LayerNorm_0/scale": (d,),
+        f"{prefix}/LayerNorm_0/bias": (d,),
+        f"{attn}/query/kernel": (d, heads, hd),
+        f"{attn}/query/bias": (heads, hd),
+        f"{attn}/key/kernel": (d, heads, hd),
+        f"{attn}/key/bias": (heads, hd),
+        f"{attn}/value/kernel": (d, heads, hd),
+        f"{attn}/value/bias": (heads, hd),
+        f"{attn}/out/kernel": (heads, hd, d),
+        f"{attn}/out/bias": (d,),
+        f"{prefix}/LayerNorm_1/scale": (d,),
+        f"{prefix}/LayerNorm_1/bias": (d,),
+        f"{prefix}/MlpBlock_0/Dense_0/kernel": (d, mlp),
+        f"{prefix}/MlpBlock_0/Dense_0/bias": (mlp,),
+        f"{prefix}/MlpBlock_0/Dense_1/kernel": (mlp, d),
+        f"{prefix}/MlpBlock_0/Dense_1/bias": (d,),
+    }
+
+
+# `testing` at 32 px: hidden 10, mlp 10, 2 heads, 1 layer, patch 16 → 2 x 2 grid + cls.
+TESTING_TREE_32PX = {
+    "embedding/kernel": (16, 16, 3, 10),
+    "embedding/bias": (10,),
+    "cls": (1, 1, 10),
+    "Transformer/posembed_input/pos_embedding": (1, 5, 10),
+    "Transformer/encoderblock_0/LayerNorm_0/scale": (10,),
+    "Transformer/encoderblock_0/LayerNorm_0/bias": (10,),
+    "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel": (10, 2, 5),
+    "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/bias": (2, 5),
+    "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/key/kernel": (10, 2, 5),
+    "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/key/bias": (2, 5),
+    "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/value/kernel": (10, 2, 5),
+    "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/value/bias": (2, 5),
+    "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/out/kernel": (2, 5, 10),
+    "Transformer/encoderblock_0/MultiHeadDotProductAttention_0/out/bias": (10,),
+    "Transformer/encoderblock_0/LayerNorm_1/scale": (10,),
+    "Transformer/encoderblock_0/LayerNorm_1/bias": (10,),
+    "Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel": (10, 10),
+    "Transformer/encoderblock_0/MlpBlock_0/Dense_0/bias": (10,),
+    "Transformer/encoderblock_0/MlpBlock_0/Dense_1/kernel": (10, 10),
+    "Transformer/encoderblock_0/MlpBlock_0/Dense_1/bias": (10,),
+    "Transformer/encoder_norm/scale": (10,),
+    "Transformer/encoder_norm/bias": (10,),
+    "head/kernel": (10, 1000),
+    "head/bias": (1000,),
+}
+
+
+def test_testing_model_param_tree():
+    params, _ = abstract_init(models.get_model("testing", num_classes=1000), (1, 32, 32, 3))
+    assert flat_shapes(params) == TESTING_TREE_32PX
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
+
+
+def test_param_tree_variants():
+    base = {k: v for k, v in TESTING_TREE_32PX.items() if not k.startswith("head/")}
+    # num_classes 0 / None: no head.
+    for num_classes in (0, None):
+        params, _ = abstract_init(
+            models.get_model("testing", num_classes=num_classes), (1, 32, 32, 3)
+        )
+        assert flat_shapes(params) == base
+    # representation_size: a `pre_logits` Dense, and the head reads its output.
+    params, _ = abstract_init(
+        models.get_model("testing", num_classes=7, representation_size=6), (1, 32, 32, 3)
+    )
+    assert flat_shapes(params) == {
+        **base,
+        "pre_logits/kernel": (10, 6),
+        "pre_logits/bias": (6,),
+        "head/kernel": (6, 7),
+        "head/bias": (7,),
+    }
+    # gap / unpooled: no class token, so the position table has h*w rows only.
+    for classifier in ("gap", "unpooled"):
+        params, _ = abstract_init(
+            models.get_model("testing", num_classes=7, classifier=classifier), (1, 32, 32, 3)
+        )
+        expected = {k: v for k, v in base.items() if k != "cls"}
+        expected["Transformer/posembed_input/pos_embedding"] = (1, 4, 10)
+        assert flat_shapes(params) == {**expected, "head/kernel": (10, 7), "head/bias": (7,)}
+    # token_unpooled keeps the class token.
+    params, _ = abstract_init(
+        models.get_model("testing", num_classes=7, classifier="token_unpooled"), (1, 32, 32, 3)
+    )
+    assert flat_shapes(params) == {**base, "head/kernel": (10, 7), "head/bias": (7,)}
+
+
+def _gn(prefix: str, c: int) -> dict[str, tuple[int, ...]]:
+    return {f"{prefix}/scale": (c,), f"{prefix}/bias": (c,)}
+
+
+def _unit_shapes(prefix: str, cin: int, features: int, proj: bool) -> dict:
+    shapes = {
+        f"{prefix}/conv1/kernel": (1, 1, cin, features),
+        **_gn(f"{prefix}/gn1", features),
+        f"{prefix}/conv2/kernel": (3, 3, features, features),
+        **_gn(f"{prefix}/gn2", features),
+        f"{prefix}/conv3/kernel": (1, 1, features, 4 * features),
+        **_gn(f"{prefix}/gn3", 4 * features),
+    }
+    if proj:
+        shapes[f"{prefix}/conv_proj/kernel"] = (1, 1, cin, 4 * features)
+        shapes.update(_gn(f"{prefix}/gn_proj", 4 * features))
+    return shapes
+
+
+def test_hybrid_param_tree():
+    # Stages (1, 1), width 32: root → 32 ch; block1 → 128 ch (/1); block2 → 256 ch (/2).
+    # 32 px: /2 root conv, /2 max-pool, /2 block2 → 4 x 4 grid of 1 x 1 patches + cls.
+    params, out = abstract_init(tiny_hybrid(), HYBRID_IMAGE)
+    expected = {
+        "conv_root/kernel": (7, 7, 3, 32),
+        **_gn("gn_root", 32),
+        **_unit_shapes("block1/unit1", 32, 32, proj=True),
+        **_unit_shapes("block2/unit1", 128, 64, proj=True),
+        "embedding/kernel": (1, 1, 256, 16),
+        "embedding/bias": (16,),
+        "cls": (1, 1, 16),
+        "Transformer/posembed_input/pos_embedding": (1, 17, 16),
+        **_block_shapes("Transformer/encoderblock_0", 16, 2, 32),
+        **_gn("Transformer/encoder_norm", 16),
+        "head/kernel": (16, 5),
+        "head/bias": (5,),
+    }
+    assert flat_shapes(params) == expected
+    assert out.shape == (2, 5)
+    # A second unit in a stage keeps channels and stride: no projection.
+    params, _ = abstract_init(
+        tiny_hybrid(resnet=dict(num_layers=(2,), width_factor=0.5)), HYBRID_IMAGE
+    )
+    shapes = flat_shapes(params)
+    block1 = {k: v for k, v in shapes.items() if k.startswith("block1/")}
+    assert block1 == {
+        **_unit_shapes("block1/unit1", 32, 32, proj=True),
+        **_unit_shapes("block1/unit2", 128, 32, proj=False),
+    }
+
+
+def test_mixer_param_tree():
+    params, out = abstract_init(tiny_mixer(), MIXER_IMAGE)
+    tokens = (32 // 8) * (24 // 8)
+    expected = {"stem/kernel": (8, 8, 3, 16), "stem/bias": (16,)}
+    for i in range(2):
+        p = f"MixerBlock_{i}"
+        expected.update(
+            {
+                **_gn(f"{p}/LayerNorm_0", 16),
+                f"{p}/token_mixing/Dense_0/kernel": (tokens, 8),
+                f"{p}/token_mixing/Dense_0/bias": (8,),
+                f"{p}/token_mixing/Dense_1/kernel": (8, tokens),
+                f"{p}/token_mixing/Dense_1/bias": (tokens,),
+                **_gn(f"{p}/LayerNorm_1", 16),
+                f"{p}/channel_mixing/Dense_0/kernel": (16, 32),
+                f"{p}/channel_mixing/Dense_0/bias": (32,),
+                f"{p}/channel_mixing/Dense_1/kernel": (32, 16),
+                f"{p}/channel_mixing/Dense_1/bias": (16,),
+            }
+        )
+    expected.update({**_gn("pre_head_layer_norm", 16), "head/kernel": (16, 5), "head/bias": (5,)})
+    assert flat_shapes(params) == expected
+    assert out.shape == (2, 5)
+
+
+def test_initial_values():
+    model = models.get_model(
+        "testing",
+        num_classes=3,
+        head_bias_init=-10.0,
+        hidden_size=64,
+        transformer=dict(num_heads=4, mlp_dim=128),
+    )
+    params = init_params(model, (1, 128, 128, 3))  # 8 x 8 grid.
+    np.testing.assert_array_equal(params["head"]["kernel"], 0.0)
+    np.testing.assert_array_equal(params["head"]["bias"], -10.0)
+    np.testing.assert_array_equal(params["cls"], 0.0)
+    np.testing.assert_array_equal(params["embedding"]["bias"], 0.0)
+    block = params["Transformer"]["encoderblock_0"]
+    for name in ("query", "key", "value", "out"):
+        np.testing.assert_array_equal(block["MultiHeadDotProductAttention_0"][name]["bias"], 0.0)
+    np.testing.assert_array_equal(block["LayerNorm_0"]["scale"], 1.0)
+    mlp_bias = np.asarray(block["MlpBlock_0"]["Dense_0"]["bias"])
+    assert 0 < np.abs(mlp_bias).max() < 1e-5  # normal(stddev=1e-6)
+    posemb = np.asarray(params["Transformer"]["posembed_input"]["pos_embedding"])
+    assert posemb.shape == (1, 65, 64)
+    assert 0.018 < posemb.std() < 0.022  # normal(stddev=0.02), 4160 draws
+    # Hybrid: the last GroupNorm of each unit starts at zero scale.
+    hybrid = init_params(tiny_hybrid(), HYBRID_IMAGE)
+    np.testing.assert_array_equal(hybrid["block1"]["unit1"]["gn3"]["scale"], 0.0)
+    np.testing.assert_array_equal(hybrid["block1"]["unit1"]["gn2"]["scale"], 1.0)
+    # Mixer head is zero too.
+    mixer = init_params(tiny_mixer(), MIXER_IMAGE)
+    np.testing.assert_array_equal(mixer["head"]["kernel"], 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Output shapes for every classifier, head / no head, with and without pre_logits.
+
+
+@pytest.mark.parametrize("classifier", models_vit.CLASSIFIERS)
+@pytest.mark.parametrize("num_classes", [7, 0, None])
+@pytest.mark.parametrize("representation_size", [None, 6])
+def test_output_shapes(classifier, num_classes, representation_size):
+    model = models.get_model(
+        "testing",
+        num_classes=num_classes,
+        classifier=classifier,
+        representation_size=representation_size,
+    )
+    params, out = abstract_init(model, (3, 32, 48, 3))  # 2 x 3 grid of 16 px patches
+    width = num_classes or representation_size or 10
+    expected = {
+        "token": (3, width),
+        "gap": (3, width),
+        "unpooled": (3, 6, width),
+        "token_unpooled": (3, 7, width),
+    }[classifier]
+    assert out.shape == expected
+    assert out.dtype == jnp.float32
+    assert ("head" in params) == bool(num_classes)
+    assert ("pre_logits" in params) == (representation_size is not None)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Golden numerics: an independent NumPy forward pass (float64) vs the Flax model (float32).
+
+
+def np_layernorm(x, p, eps=1e-6):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)  # biased variance
+    return (x - mean) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def np_gelu_tanh(x):
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def np_softmax(x, axis=-1):
+    e = np.exp(x - x.max(axis, keepdims=True))
+    return e / e.sum(axis, keepdims=True)
+
+
+def np_dense(x, p):
+    return x @ p["kernel"] + p["bias"]
+
+
+def np_patch_embed(x, p):
+    """Conv with kernel = stride = patch, VALID: a reshape into patches and one matmul."""
+    kernel = p["kernel"]
+    ph, pw, c, d = kernel.shape
+    n, hh, ww, _ = x.shape
+    gh, gw = hh // ph, ww // pw
+    patches = x.reshape(n, gh, ph, gw, pw, c).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(n, gh * gw, ph * pw * c)  # row-major grid: row by row
+    return patches @ kernel.reshape(ph * pw * c, d) + p["bias"]
+
+
+def np_attention(x, p, heads):
+    d = x.shape[-1]
+    head_dim = d // heads
+    q = np.einsum("btd,dhk->bthk", x, p["query"]["kernel"]) + p["query"]["bias"]
+    k = np.einsum("btd,dhk->bthk", x, p["key"]["kernel"]) + p["key"]["bias"]
+    v = np.einsum("btd,dhk->bthk", x, p["value"]["kernel"]) + p["value"]["bias"]
+    weights = np_softmax(np.einsum("bqhk,bthk->bhqt", q, k) / np.sqrt(head_dim))
+    out = np.einsum("bhqt,bthk->bqhk", weights, v)
+    return np.einsum("bqhk,hkd->bqd", out, p["out"]["kernel"]) + p["out"]["bias"]
+
+
+def np_encoder_block(x, p, heads):
+    x = x + np_attention(
+        np_layernorm(x, p["LayerNorm_0"]), p["MultiHeadDotProductAttention_0"], heads
+    )
+    y = np_layernorm(x, p["LayerNorm_1"])
+    y = np_dense(np_gelu_tanh(np_dense(y, p["MlpBlock_0"]["Dense_0"])), p["MlpBlock_0"]["Dense_1"])
+    return x + y
+
+
+def np_vit(
+    p, x, *, heads, num_layers, classifier, representation_size, num_classes, resnet_stages=None
+):
+    x = np.asarray(x, np.float64)
+    if resnet_stages is not None:
+        x = np_resnet_stem(p, x, resnet_stages)
+    x = np_patch_embed(x, p["embedding"])
+    if classifier in ("token", "token_unpooled"):
+        cls = np.broadcast_to(p["cls"], (x.shape[0], 1, x.shape[2]))
+        x = np.concatenate([cls, x], axis=1)  # prepended, then the position table is added
+    x = x + p["Transformer"]["posembed_input"]["pos_embedding"]
+    for i in range(num_layers):
+        x = np_encoder_block(x, p["Transformer"][f"encoderblock_{i}"], heads)
+    x = np_layernorm(x, p["Transformer"]["encoder_norm"])
+    if classifier == "token":
+        x = x[:, 0]
+    elif classifier == "gap":
+        x = x.mean(axis=1)
+    if representation_size is not None:
+        x = np.tanh(np_dense(x, p["pre_logits"]))
+    if num_classes:
+        x = np_dense(x, p["head"])
+    return x
+
+
+# Hybrid stem (REFERENCE §3). The strided 'SAME' convolutions and the max-pool use lax primitives
+# (in float32 at HIGHEST precision); standardisation, GroupNorm and the unit structure are here.
+
+
+def np_standardize(w):
+    mean = w.mean(axis=(0, 1, 2))
+    std = w.std(axis=(0, 1, 2))
+    return (w - mean) / (std + 1e-5)  # epsilon on the std, not the variance
+
+
+def np_conv_same(x, w, stride):
+    out = jax.lax.conv_general_dilated(
+        jnp.asarray(x, jnp.float32),
+        jnp.asarray(w, jnp.float32),
+        window_strides=(stride, stride),
+        padding="SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    return np.asarray(out, np.float64)
+
+
+def np_std_conv(x, p, stride=1):
+    return np_conv_same(x, np_standardize(p["kernel"]), stride)
+
+
+def np_groupnorm(x, p, groups=32, eps=1e-6):
+    n, h, w, c = x.shape
+    g = x.reshape(n, h, w, groups, c // groups)
+    mean = g.mean(axis=(1, 2, 4), keepdims=True)
+    var = g.var(axis=(1, 2, 4), keepdims=True)
+    g = (g - mean) / np.sqrt(var + eps)
+    return g.reshape(n, h, w, c) * p["scale"] + p["bias"]
+
+
+def np_relu(x):
+    return np.maximum(x, 0.0)
+
+
+def np_max_pool_3x3_s2_same(x):
+    out = jax.lax.reduce_window(
+        jnp.asarray(x, jnp.float32), -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), "SAME"
+    )
+    return np.asarray(out, np.float64)
+
+
+def np_bottleneck(x, p, features, stride):
+    residual = x
+    if x.shape[-1] != 4 * features or stride != 1:
+        residual = np_groupnorm(np_std_conv(x, p["conv_proj"], stride), p["gn_proj"])
+    y = np_relu(np_groupnorm(np_std_conv(x, p["conv1"]), p["gn1"]))
+    y = np_relu(np_groupnorm(np_std_conv(y, p["conv2"], stride), p["gn2"]))
+    y = np_groupnorm(np_std_conv(y, p["conv3"]), p["gn3"])
+    return np_relu(residual + y)  # post-activation
+
+
+def np_resnet_stem(p, x, stages):
+    width = p["conv_root"]["kernel"].shape[-1]
+    x = np_relu(np_groupnorm(np_std_conv(x, p["conv_root"], stride=2), p["gn_root"]))
+    x = np_max_pool_3x3_s2_same(x)
+    for i, units in enumerate(stages):
+        for j in range(units):
+            stride = 2 if (i > 0 and j == 0) else 1
+            x = np_bottleneck(x, p[f"block{i + 1}"][f"unit{j + 1}"], width * 2**i, stride)
+    return x
+
+
+def np_mixer(p, x, num_blocks, num_classes):
+    x = np_patch_embed(np.asarray(x, np.float64), p["stem"])
+    for i in range(num_blocks):
+        b = p[f"MixerBlock_{i}"]
+        y = np_layernorm(x, b["LayerNorm_0"]).swapaxes(1, 2)  # (batch, channels, tokens)
+        tm = b["token_mixing"]
+        y = np_dense(np_gelu_tanh(np_dense(y, tm["Dense_0"])), tm["Dense_1"])
+        x = x + y.swapaxes(1, 2)
+        y = np_layernorm(x, b["LayerNorm_1"])
+        cm = b["channel_mixing"]
+        x = x + np_dense(np_gelu_tanh(np_dense(y, cm["Dense_0"])), cm["Dense_1"])
+    x = np_layernorm(x, p["pre_head_layer_norm"]).mean(axis=1)
+    return np_dense(x, p["head"]) if num_classes else x
+
+
+GOLDEN_ATOL = GOLDEN_RTOL = 1e-5
+
+
+@pytest.mark.parametrize(
+    "classifier, representation_size, num_classes",
+    [
+        ("token", None, 5),
+        ("token", 8, 5),
+        ("gap", None, 5),
+        ("gap", 8, None),
+        ("unpooled", None, 5),
+        ("token_unpooled", 8, 5),
+        ("token_unpooled", None, 0),
+    ],
+)
+def test_vit_golden(classifier, representation_size, num_classes):
+    model = tiny_vit(
+        classifier=classifier, representation_size=representation_size, num_classes=num_classes
+    )
+    params = random_params(model, VIT_IMAGE, seed=0)
+    x = images(VIT_IMAGE)
+    got = logits(model, params, x)
+    want = np_vit(
+        to_numpy64(params),
+        x,
+        heads=3,
+        num_layers=2,
+        classifier=classifier,
+        representation_size=representation_size,
+        num_classes=num_classes,
+    )
+    assert got.shape == want.shape
+    assert np.abs(want).max() > 0.5  # the check is not against near-zero numbers
+    np.testing.assert_allclose(got, want, rtol=GOLDEN_RTOL, atol=GOLDEN_ATOL)
+
+
+def test_pre_logits_tanh_bounds_features():
+    features = tiny_vit(num_classes=0, representation_size=8)
+    params = random_params(features, VIT_IMAGE, seed=3)
+    out = logits(features, params, images(VIT_IMAGE) * 50)  # saturate the tanh
+    assert out.shape == (2, 8)
+    assert np.abs(out).max() <= 1.0 and np.abs(out).max() > 0.9
+
+
+def test_hybrid_golden():
+    model = tiny_hybrid()
+    params = random_params(model, HYBRID_IMAGE, seed=1)
+    x = images(HYBRID_IMAGE)
+    got = logits(model, params, x)
+    want = np_vit(
+        to_numpy64(params),
+        x,
+        heads=2,
+        num_layers=1,
+        classifier="token",
+        representation_size=None,
+        num_classes=5,
+        resnet_stages=(1, 1),
+    )
+    assert np.abs(want).max() > 0.5
+    np.testing.assert_allclose(got, want, rtol=GOLDEN_RTOL, atol=GOLDEN_ATOL)
+
+
+def test_hybrid_golden_multi_unit_stage_without_projection():
+    # Stage of 2 units: unit2 has no projection (identity residual).
+    model = tiny_hybrid(resnet=dict(num_layers=(2,), width_factor=0.5), classifier="gap")
+    shape = (1, 16, 16, 3)
+    params = random_params(model, shape, seed=2)
+    x = images(shape)
+    want = np_vit(
+        to_numpy64(params),
+        x,
+        heads=2,
+        num_layers=1,
+        classifier="gap",
+        representation_size=None,
+        num_classes=5,
+        resnet_stages=(2,),
+    )
+    np.testing.assert_allclose(logits(model, params, x), want, rtol=GOLDEN_RTOL, atol=GOLDEN_ATOL)
+
+
+@pytest.mark.parametrize("num_classes", [5, 0])
+def test_mixer_golden(num_classes):
+    model = tiny_mixer(num_classes=num_classes)
+    params = random_params(model, MIXER_IMAGE, seed=4)
+    x = images(MIXER_IMAGE)
+    got = logits(model, params, x)
+    want = np_mixer(to_numpy64(params), x, num_blocks=2, num_classes=num_classes)
+    assert got.shape == (2, num_classes or 16)
+    assert np.abs(want).max() > 0.5
+    np.testing.assert_allclose(got, want, rtol=GOLDEN_RTOL, atol=GOLDEN_ATOL)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Options that must change neither the numbers nor the parameter tree.
+
+
+@pytest.fixture(scope="module")
+def vit_setup():
+    """A tiny ViT with random params, its input and its fp32 'flax' logits."""
+    model = tiny_vit(representation_size=8)
+    params = random_params(model, VIT_IMAGE, seed=5)
+    x = images(VIT_IMAGE)
+    return model, params, x, logits(model, params, x)
+
+
+@pytest.mark.parametrize("attention_impl", ["auto", "xla"])
+def test_fused_attention_matches_flax(vit_setup, attention_impl):
+    model, params, x, want = vit_setup
+    fused = model.clone(attention_impl=attention_impl)
+    tree, _ = abstract_init(fused, VIT_IMAGE)
+    assert flat_shapes(tree) == flat_shapes(params)
+    np.testing.assert_allclose(logits(fused, params, x), want, rtol=1e-5, atol=1e-5)
+
+
+def _logits_and_grads(model, params, x):
+    """Logits and d(sum(logits * c))/d(params) for a fixed random cotangent c, in one compile."""
+    cotangent = np.random.default_rng(0).standard_normal((x.shape[0], 5)).astype(np.float32)
+
+    def loss(p):
+        out = model.apply({"params": p}, x, train=False)
+        return jnp.sum(out * cotangent), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return np.asarray(out), flax.traverse_util.flatten_dict(grads, sep="/")
+
+
+@pytest.fixture(scope="module")
+def vit_grads(vit_setup):
+    model, params, x, _ = vit_setup
+    return _logits_and_grads(model, params, x)
+
+
+@pytest.mark.parametrize("remat_policy", models_vit.REMAT_POLICIES)
+def test_remat_policy_same_logits_and_grads(vit_setup, vit_grads, remat_policy):
+    model, params, x, want = vit_setup
+    remat = model.clone(remat_policy=remat_policy)
+    tree, _ = abstract_init(remat, VIT_IMAGE)
+    assert flat_shapes(tree) == flat_shapes(params)
+    out, grads = _logits_and_grads(remat, params, x)
+    want_out, want_grads = vit_grads
+    np.testing.assert_allclose(want_out, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == want_grads.keys()
+    for key in want_grads:
+        np.testing.assert_allclose(grads[key], want_grads[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    # The gradients are not trivially zero (the head was re-drawn too).
+    assert np.abs(want_grads["Transformer/encoderblock_0/LayerNorm_0/scale"]).max() > 1e-3
+
+
+def test_remat_with_dropout_is_identical(vit_setup):
+    """Recomputation must replay the same dropout masks."""
+    model, params, x, _ = vit_setup
+    transformer = dict(
+        num_layers=2, mlp_dim=24, num_heads=3, dropout_rate=0.2, attention_dropout_rate=0.2
+    )
+    base = model.clone(transformer=transformer)
+    remat = base.clone(remat_policy="nothing_saveable")
+    rng = {"dropout": rng_key(7)}
+
+    def loss(m, p):
+        return jnp.sum(m.apply({"params": p}, x, train=True, rngs=rng) ** 2)
+
+    ref = jax.jit(jax.value_and_grad(functools.partial(loss, base)))(params)
+    got = jax.jit(jax.value_and_grad(functools.partial(loss, remat)))(params)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("remat_policy", [None, "nothing_saveable"])
+def test_scan_matches_unrolled(vit_setup, remat_policy):
+    model, params, x, want = vit_setup
+    scanned_model = model.clone(scan=True, remat_policy=remat_policy)
+    scanned_params = checkpoint.scan_params(params)
+    # The scanned model's own tree is the stacked layout scan_params produces.
+    tree, _ = abstract_init(scanned_model, VIT_IMAGE)
+    assert flat_shapes(tree) == flat_shapes(scanned_params)
+    assert flat_shapes(tree)["Transformer/encoderblock/MlpBlock_0/Dense_0/kernel"] == (2, 12, 24)
+    assert not any("encoderblock_" in k for k in flat_shapes(tree))
+    np.testing.assert_allclose(logits(scanned_model, scanned_params, x), want, rtol=1e-5, atol=1e-5)
+
+
+# Measured on CPU (jax 0.10.2): max |bf16 - fp32| / max |fp32| ≈ 0.01 for this model; bf16 has
+# an 8-bit mantissa (relative step 2^-8 ≈ 0.004), so 0.05 leaves a wide margin while still
+# catching a wrong dtype path (a missing cast or a bf16 LayerNorm blow-up gives O(1) errors).
+BF16_RELATIVE_TOLERANCE = 0.05
+
+
+def test_bfloat16_compute(vit_setup):
+    model, params, x, want = vit_setup
+    bf16 = model.clone(dtype=jnp.bfloat16)
+    tree, out = abstract_init(bf16, VIT_IMAGE)
+    assert flat_shapes(tree) == flat_shapes(params)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(tree))
+    assert out.dtype == jnp.float32
+    got = jitted_apply(bf16)({"params": params}, x)
+    assert got.dtype == jnp.float32
+    rel = np.abs(np.asarray(got) - want).max() / np.abs(want).max()
+    assert rel < BF16_RELATIVE_TOLERANCE, rel
+    assert rel > 0  # it really computed in bf16
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Named intermediates.
+
+
+def test_intermediates(vit_setup):
+    model, params, x, want = vit_setup
+    out, state = jitted_apply(model, mutable=True)({"params": params}, x)
+    np.testing.assert_array_equal(out, want)
+    inter = flax.core.unfreeze(state["intermediates"])
+    (encoded,) = inter["encoded"]
+    # A sow named like the `pre_logits` module would collide with it, so the module sows its
+    # own output (Flax's capture_intermediates layout).
+    (pre_logits,) = inter["pre_logits"]["__call__"]
+    assert encoded.shape == (2, 1 + 4 * 6, 12)  # per token, class token first
+    assert pre_logits.shape == (2, 8)  # representation_size
+    # pre_logits are the pooled class token through Dense + tanh, and equal the features model.
+    p64 = to_numpy64(params)
+    np.testing.assert_allclose(
+        pre_logits,
+        np.tanh(np_dense(np.asarray(encoded, np.float64)[:, 0], p64["pre_logits"])),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    features = model.clone(num_classes=0)
+    no_head = {k: v for k, v in params.items() if k != "head"}
+    np.testing.assert_allclose(logits(features, no_head, x), pre_logits, rtol=1e-6, atol=1e-6)
+    for i in range(2):
+        attn = inter["Transformer"][f"encoderblock_{i}"]["MultiHeadDotProductAttention_0"]
+        (weights,) = attn["attention_weights"]
+        assert weights.shape == (2, 3, 25, 25)  # (batch, heads, tokens, tokens)
+        assert (np.asarray(weights) >= 0).all()
+        np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, rtol=1e-5)
+
+
+def test_attention_weights_match_reference(vit_setup):
+    model, params, x, _ = vit_setup
+    _, state = jitted_apply(model, mutable=True)({"params": params}, x)
+    (weights,) = state["intermediates"]["Transformer"]["encoderblock_0"][
+        "MultiHeadDotProductAttention_0"
+    ]["attention_weights"]
+    p = to_numpy64(params)
+    h = np_patch_embed(np.asarray(x, np.float64), p["embedding"])
+    h = np.concatenate([np.broadcast_to(p["cls"], (2, 1, 12)), h], axis=1)
+    h = np_layernorm(
+        h + p["Transformer"]["posembed_input"]["pos_embedding"],
+        p["Transformer"]["encoderblock_0"]["LayerNorm_0"],
+    )
+    attn = p["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_0"]
+    q = np.einsum("btd,dhk->bthk", h, attn["query"]["kernel"]) + attn["query"]["bias"]
+    k = np.einsum("btd,dhk->bthk", h, attn["key"]["kernel"]) + attn["key"]["bias"]
+    want = np_softmax(np.einsum("bqhk,bthk->bhqt", q, k) / np.sqrt(4))
+    np.testing.assert_allclose(weights, want, rtol=1e-5, atol=1e-5)
+
+
+def test_mixer_intermediates():
+    model = tiny_mixer()
+    params = random_params(model, MIXER_IMAGE, seed=6)
+    x = images(MIXER_IMAGE)
+    _, state = jitted_apply(model, mutable=True)({"params": params}, x)
+    (pre_logits,) = state["intermediates"]["pre_logits"]
+    want = np_mixer(to_numpy64(params), x, num_blocks=2, num_classes=0)
+    np.testing.assert_allclose(pre_logits, want, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Dropout.
+
+
+def test_dropout_train_vs_eval_and_determinism(vit_setup):
+    model, params, x, _ = vit_setup
+    dropout_model = model.clone(
+        transformer=dict(
+            num_layers=2, mlp_dim=24, num_heads=3, dropout_rate=0.3, attention_dropout_rate=0.3
+        )
+    )
+    train_apply = jax.jit(functools.partial(dropout_model.apply, train=True))
+    eval_out = logits(dropout_model, params, x)
+    np.testing.assert_allclose(eval_out, logits(model, params, x), rtol=1e-6, atol=1e-6)
+    a = train_apply({"params": params}, x, rngs={"dropout": rng_key(0)})
+    b = train_apply({"params": params}, x, rngs={"dropout": rng_key(0)})
+    c = train_apply({"params": params}, x, rngs={"dropout": rng_key(1)})
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(np.asarray(a) - eval_out).max() > 1e-2
+    assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-2
+    # Without an rng, training with dropout is an error rather than silently deterministic.
+    with pytest.raises(flax.errors.InvalidRngError):
+        dropout_model.apply({"params": params}, x, train=True)
+
+
+@pytest.mark.parametrize("attention_impl", ["auto", "xla"])
+def test_fused_attention_refuses_attention_dropout(vit_setup, attention_impl):
+    model, params, x, _ = vit_setup
+    fused = model.clone(
+        attention_impl=attention_impl,
+        transformer=dict(
+            num_layers=2, mlp_dim=24, num_heads=3, dropout_rate=0.0, attention_dropout_rate=0.1
+        ),
+    )
+    with pytest.raises(ValueError, match="attention_dropout_rate"):
+        fused.apply({"params": params}, x, train=True, rngs={"dropout": rng_key(0)})
+    # Evaluation (no dropout applied) is fine and matches 'flax'.
+    np.testing.assert_allclose(
+        logits(fused, params, x), logits(model, params, x), rtol=1e-5, atol=1e-5
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Bad configuration.
+
+
+@pytest.mark.parametrize(
+    "option, valid",
+    [
+        ("classifier", models_vit.CLASSIFIERS),
+        ("attention_impl", models_vit.ATTENTION_IMPLS),
+        ("remat_policy", models_vit.REMAT_POLICIES),
+    ],
+)
+def test_unknown_string_option_lists_valid_values(option, valid):
+    model = models.get_model("testing", num_classes=3, **{option: "bogus"})
+    with pytest.raises(ValueError, match="bogus") as info:
+        abstract_init(model, (1, 32, 32, 3))
+    message = str(info.value)
+    assert option in message
+    for value in valid:
+        assert repr(value) in message
+
+
+@pytest.mark.parametrize(
+    "name, size, total",
+    [
+        ("testing", (40, 32), 16),  # plain ViT, patch 16
+        ("ViT-B_16", (225, 224), 16),
+        ("R50+ViT-B_16", (232, 232), 16),  # patch 1 after a /16 stem; 232 = 8 * 29
+        ("R+ViT-Ti_16", (240, 240), 32),  # patch 8 after a /4 stem; 240 = 16 * 15
+        ("Mixer-B_16", (200, 200), 16),
+    ],
+)
+def test_image_size_not_divisible(name, size, total):
+    model = models.get_model(name, num_classes=10)
+    with pytest.raises(ValueError, match="not divisible") as info:
+        abstract_init(model, (1, *size, 3))
+    message = str(info.value)
+    assert str(tuple(size)) in message
+    assert str((total, total)) in message
+    assert name in message
+
+
+def test_hybrid_image_size_counts_the_stem_stride():
+    model = tiny_hybrid(patches={"size": (2, 2)})  # stem /8, patch 2 → 16 px
+    with pytest.raises(ValueError, match="stride 8") as info:
+        abstract_init(model, (1, 24, 24, 3))  # divisible by 8 and by 2, not by 16
+    assert "(16, 16)" in str(info.value) and "(24, 24)" in str(info.value)
+    _, out = abstract_init(model, (1, 32, 48, 3))
+    assert out.shape == (1, 5)
+
+
+def test_unknown_model_name_suggests_close_matches():
+    with pytest.raises(ValueError, match="ViT-B_16") as info:
+        models.get_model("ViT-B16", num_classes=10)
+    assert "'ViT-B16'" in str(info.value)
+    with pytest.raises(ValueError, match="Mixer-B_16"):
+        models.get_config("mixer-B_16")
+
+
+def test_unknown_override_key():
+    with pytest.raises(ValueError, match="num_clases"):
+        models.get_model("testing", num_classes=10, num_clases=10)
+    with pytest.raises(ValueError, match="hidden_size"):  # Mixer has no hidden_size
+        models.get_model("Mixer-B_16", num_classes=10, hidden_size=8)
+    # A misspelt key inside a nested override is refused too, not silently stored.
+    with pytest.raises(ValueError, match="dropuot_rate") as info:
+        models.get_model("testing", num_classes=10, transformer=dict(dropuot_rate=0.5))
+    assert "dropout_rate" in str(info.value)
+
+
+def test_get_model_needs_num_classes():
+    with pytest.raises(ValueError, match="num_classes"):
+        models.get_model("testing")
+
+
+def test_get_model_nested_override_keeps_other_keys():
+    model = models.get_model("ViT-B_16", num_classes=10, transformer=dict(dropout_rate=0.3))
+    assert model.transformer.dropout_rate == 0.3
+    assert model.transformer.num_layers == 12
+    assert models.MODEL_CONFIGS["ViT-B_16"].transformer.dropout_rate == 0.0
+
+
+def test_get_config_returns_a_copy():
+    config = models.get_config("ViT-B_16")
+    config.hidden_size = 1
+    config.transformer.num_layers = 1
+    config.patches.size = (2, 2)
+    assert models.MODEL_CONFIGS["ViT-B_16"].hidden_size == 768
+    assert models.MODEL_CONFIGS["ViT-B_16"].transformer.num_layers == 12
+    assert tuple(models.MODEL_CONFIGS["ViT-B_16"].patches.size) == (16, 16)
+    assert models.get_config("ViT-B_16").hidden_size == 768
+
+
+def test_original_configs_import_path():
+    from vit_jax.configs import models as models_config
+
+    config = models_config.MODEL_CONFIGS["ViT-B_16"]
+    model = VisionTransformer(num_classes=10, **config)
+    params, out = abstract_init(model, (1, 224, 224, 3))
+    assert out.shape == (1, 10)
+    assert param_count(params) == EXPECTED_PARAM_COUNTS["ViT-B_16"] - 1000 * 769 + 10 * 769
+    mixer = MlpMixer(num_classes=10, **models_config.MODEL_CONFIGS["Mixer-B_16"])
+    _, out = abstract_init(mixer, (1, 224, 224, 3))
+    assert out.shape == (1, 10)

@@ -1,0 +1,606 @@
+"""Training and evaluation data: sources, preprocessing, per-host split and device batching.
+
+This module owns:
+- the three kinds of source a run can name: a tfds dataset (`'cifar10'`, with split slicing such
+  as `'train[:98%]'`), an image folder (`'folder:/path'` with `train/<class>/*` and
+  `test/<class>/*`), and the embedded offline set `'sklearn_digits'` (scikit-learn's 8×8 digits);
+- preprocessing: Inception crop → resize → random flip for training, resize (or resize-small +
+  centre crop) for evaluation; images in [-1, 1] float32, labels one-hot (or multi-hot) float32;
+- the per-process slice of the data (each process reads its own disjoint part);
+- batching for `pmap`: `[local_device_count, per_device, ...]`, evaluation padded with a `mask`
+  so that every example is counted exactly once.
+
+Training streams are a pure function of (seed, dataset, split, process_index/count): shuffling is
+seeded and augmentation uses stateless random ops keyed by the element's absolute index, so
+`start_step=k` reproduces an uninterrupted stream from step k on and skips raw (undecoded)
+elements to get there.
+
+It does not own device placement (beyond the small `prefetch_to_device` helper), the training
+loop, or metrics. Image folders are validated once per process (every file is decoded once by
+Pillow; the result is cached for the process lifetime).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Literal
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+
+DIGITS = "sklearn_digits"
+FOLDER_PREFIX = "folder:"
+FOLDER_SPLITS = ("train", "test")
+EVAL_CROPS = ("resize", "resize_small_crop")
+_DIGITS_TEST_FRACTION = 0.2
+_DIGITS_SPLIT_SEED = 0
+_CROP_AREA = (0.05, 1.0)
+_CROP_ASPECT = (3 / 4, 4 / 3)
+_SKIPPED_NAMES_SHOWN = 5
+_LOG = logging.getLogger(__name__)
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What the training loop needs to know about a dataset before reading it."""
+
+    name: str
+    num_classes: int
+    num_examples: dict[str, int]  # per split name as given (slices resolved), all processes
+    class_names: tuple[str, ...] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """One split, already restricted to this process: raw elements and how to decode them."""
+
+    dataset: tf.data.Dataset  # elements {'image': raw, 'label': int64 or int64[None]}
+    decode: Callable[[tf.Tensor], tf.Tensor]  # raw image → uint8 [H, W, 3]
+    num_examples: int  # examples of this process
+    max_process_examples: int  # the most any process holds (eval pads every process to it)
+    num_classes: int
+    class_names: tuple[str, ...] | None
+
+
+class EvalBatches:
+    """Re-iterable evaluation batches: each `iter()` is one full pass, last batches padded.
+
+    Every process yields the same number of batches (`len(self)`), so a pmap'd eval never waits
+    on a process that ran out; padded entries have `mask == 0`.
+    """
+
+    def __init__(self, dataset: tf.data.Dataset, num_batches: int, num_examples: int):
+        self._dataset = dataset
+        self.num_batches = num_batches
+        self.num_examples = num_examples  # real examples of this process
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self._dataset.as_numpy_iterator())
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+
+# ----------------------------------------------------------------------------------------------
+# Public interface.
+
+
+def get_dataset_info(
+    dataset: str,
+    *,
+    train_split: str,
+    test_split: str,
+    data_dir: str | None = None,
+    manual_dir: str | None = None,
+    download: bool = True,
+) -> DatasetInfo:
+    """Number of classes, class names and the example count of both splits (all processes)."""
+    counts = {}
+    for split in (train_split, test_split):
+        source = _load_source(
+            dataset, split, data_dir=data_dir, manual_dir=manual_dir, download=download
+        )
+        counts[split] = source.num_examples
+    return DatasetInfo(
+        name=dataset,
+        num_classes=source.num_classes,
+        num_examples=counts,
+        class_names=source.class_names,
+    )
+
+
+def get_train_iterator(
+    dataset: str,
+    split: str,
+    *,
+    image_size: int,
+    global_batch_size: int,
+    local_device_count: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    data_dir: str | None = None,
+    manual_dir: str | None = None,
+    shuffle_buffer: int = 10_000,
+    multi_hot: bool = False,
+    download: bool = True,
+) -> Iterator[Batch]:
+    """Endless augmented training batches `{'image', 'label'}` shaped for `pmap`.
+
+    `start_step=k` yields exactly the batches an uninterrupted iterator yields from step k on.
+    """
+    per_host, per_device = _batch_sizes(global_batch_size, local_device_count, process_count)
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}.")
+    source = _load_source(
+        dataset,
+        split,
+        process_index=process_index,
+        process_count=process_count,
+        data_dir=data_dir,
+        manual_dir=manual_dir,
+        download=download,
+        shuffle_seed=seed,
+    )
+    base_seed = tf.random.experimental.stateless_fold_in(
+        tf.constant([seed, 0], tf.int64), process_index
+    )
+
+    def preprocess(index, example):
+        crop_seed, flip_seed = tf.unstack(
+            tf.random.experimental.stateless_split(
+                tf.random.experimental.stateless_fold_in(base_seed, index), 2
+            )
+        )
+        image = _inception_crop(source.decode(example["image"]), crop_seed)
+        image = _resize(image, image_size)
+        image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+        return {
+            "image": _normalize(image),
+            "label": _encode_label(example["label"], source.num_classes, multi_hot),
+        }
+
+    ds = source.dataset.repeat().shuffle(shuffle_buffer, seed=seed)
+    ds = ds.enumerate().skip(start_step * per_host)
+    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(per_host, drop_remainder=True)
+    ds = ds.map(functools.partial(_shard, devices=local_device_count, per_device=per_device))
+    ds = ds.prefetch(2).with_options(_options())
+    return iter(ds.as_numpy_iterator())
+
+
+def get_eval_iterator(
+    dataset: str,
+    split: str,
+    *,
+    image_size: int,
+    global_batch_size: int,
+    local_device_count: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    data_dir: str | None = None,
+    eval_crop: Literal["resize", "resize_small_crop"] = "resize",
+    multi_hot: bool = False,
+    download: bool = True,
+) -> EvalBatches:
+    """Evaluation batches `{'image', 'label', 'mask'}`; each pass covers every example once."""
+    if eval_crop not in EVAL_CROPS:
+        raise ValueError(f"Unknown eval_crop {eval_crop!r}; valid values: {', '.join(EVAL_CROPS)}.")
+    per_host, per_device = _batch_sizes(global_batch_size, local_device_count, process_count)
+    source = _load_source(
+        dataset,
+        split,
+        process_index=process_index,
+        process_count=process_count,
+        data_dir=data_dir,
+        download=download,
+    )
+    num_batches = math.ceil(source.max_process_examples / per_host)
+
+    def preprocess(example):
+        image = source.decode(example["image"])
+        if eval_crop == "resize":
+            image = _resize(image, image_size)
+        else:
+            image = _resize_small_centre_crop(image, image_size)
+        return {
+            "image": _normalize(image),
+            "label": _encode_label(example["label"], source.num_classes, multi_hot),
+            "mask": tf.constant(1.0, tf.float32),
+        }
+
+    ds = source.dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    padding = tf.data.Dataset.from_tensors(
+        {
+            "image": tf.zeros([image_size, image_size, 3], tf.float32),
+            "label": tf.zeros([source.num_classes], tf.float32),
+            "mask": tf.constant(0.0, tf.float32),
+        }
+    ).repeat(num_batches * per_host - source.num_examples)
+    ds = ds.concatenate(padding).batch(per_host, drop_remainder=True)
+    ds = ds.map(functools.partial(_shard, devices=local_device_count, per_device=per_device))
+    ds = ds.prefetch(2).with_options(_options())
+    return EvalBatches(ds, num_batches=num_batches, num_examples=source.num_examples)
+
+
+def prefetch_to_device(iterator: Iterable[Batch], size: int = 2) -> Iterator[Any]:
+    """Puts `size` batches ahead on the local devices (leading axis = device), for `pmap`."""
+    from flax import jax_utils  # only this helper needs flax/jax
+
+    return jax_utils.prefetch_to_device(iter(iterator), size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch arithmetic and tf.data helpers.
+
+
+def _batch_sizes(global_batch_size: int, local_device_count: int, process_count: int):
+    """(per-process batch, per-device batch), or a ValueError with the numbers."""
+    devices = process_count * local_device_count
+    if global_batch_size <= 0 or global_batch_size % devices:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} must be a positive multiple of "
+            f"process_count × local_device_count = {process_count} × {local_device_count} = "
+            f"{devices}."
+        )
+    return global_batch_size // process_count, global_batch_size // devices
+
+
+def _shard(batch: dict, *, devices: int, per_device: int) -> dict:
+    """[per_host, ...] → [devices, per_device, ...]."""
+    return {k: tf.reshape(v, [devices, per_device, *v.shape[1:]]) for k, v in batch.items()}
+
+
+def _options() -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    return options
+
+
+def _check_process(process_index: int, process_count: int) -> None:
+    if not 0 <= process_index < process_count:
+        raise ValueError(
+            f"process_index={process_index} is not in [0, process_count={process_count})."
+        )
+
+
+def _process_slice(n: int, process_index: int, process_count: int) -> tuple[int, int]:
+    """(own count, max count) for a strided split of n examples over processes."""
+    _check_process(process_index, process_count)
+    return len(range(process_index, n, process_count)), math.ceil(n / process_count)
+
+
+# ----------------------------------------------------------------------------------------------
+# Preprocessing (graph-mode, stateless).
+
+
+def _inception_crop(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Random crop of 5–100 % area and aspect 3/4–4/3; falls back to the whole image."""
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image),
+        bounding_boxes=tf.zeros([1, 0, 4], tf.float32),
+        seed=seed,
+        min_object_covered=0.0,
+        aspect_ratio_range=_CROP_ASPECT,
+        area_range=_CROP_AREA,
+        use_image_if_no_bounding_boxes=True,
+    )
+    return tf.slice(image, begin, size)
+
+
+def _resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Bilinear resize (up or down) to a square; float32 in [0, 255]."""
+    image = tf.image.resize(image, [image_size, image_size], method="bilinear")
+    return tf.ensure_shape(image, [image_size, image_size, 3])
+
+
+def _resize_small_centre_crop(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Resize the shorter side to image_size·256/224, then take the centre square."""
+    small = round(image_size * 256 / 224)
+    hw = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = small / tf.reduce_min(hw)
+    new_hw = tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), small)
+    image = tf.image.resize(image, new_hw, method="bilinear")
+    top, left = (new_hw[0] - image_size) // 2, (new_hw[1] - image_size) // 2
+    image = tf.image.crop_to_bounding_box(image, top, left, image_size, image_size)
+    return tf.ensure_shape(image, [image_size, image_size, 3])
+
+
+def _normalize(image: tf.Tensor) -> tf.Tensor:
+    return tf.clip_by_value(tf.cast(image, tf.float32) / 127.5 - 1.0, -1.0, 1.0)
+
+
+def _encode_label(label: tf.Tensor, num_classes: int, multi_hot: bool) -> tf.Tensor:
+    """One-hot float32; with multi_hot, a list of labels becomes one multi-hot vector."""
+    if multi_hot and label.shape.rank == 1:
+        return tf.reduce_max(tf.one_hot(label, num_classes, dtype=tf.float32), axis=0)
+    if label.shape.rank != 0:
+        raise ValueError(f"Labels of shape {label.shape} need multi_hot=True.")
+    return tf.one_hot(label, num_classes, dtype=tf.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources.
+
+
+def _load_source(
+    dataset: str,
+    split: str,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    data_dir: str | None = None,
+    manual_dir: str | None = None,
+    download: bool = True,
+    shuffle_seed: int | None = None,
+) -> _Source:
+    if dataset == DIGITS:
+        return _digits_source(split, process_index, process_count)
+    if dataset.startswith(FOLDER_PREFIX):
+        root = dataset[len(FOLDER_PREFIX) :]
+        return _folder_source(root, split, process_index, process_count)
+    return _tfds_source(
+        dataset,
+        split,
+        process_index,
+        process_count,
+        data_dir=data_dir,
+        manual_dir=manual_dir,
+        download=download,
+        shuffle_seed=shuffle_seed,
+    )
+
+
+def _from_arrays(
+    images: Any,
+    labels: np.ndarray,
+    decode: Callable,
+    process_index: int,
+    process_count: int,
+    class_names: tuple[str, ...],
+) -> _Source:
+    """Strided per-process slice of in-memory images (or paths) and integer labels."""
+    own, most = _process_slice(len(labels), process_index, process_count)
+    own_part = slice(process_index, None, process_count)
+    ds = tf.data.Dataset.from_tensor_slices({"image": images[own_part], "label": labels[own_part]})
+    return _Source(ds, decode, own, most, len(class_names), class_names)
+
+
+def _digits_source(split: str, process_index: int, process_count: int) -> _Source:
+    images, labels = _digits_split(split)
+    class_names = tuple(str(i) for i in range(10))
+    return _from_arrays(images, labels, tf.identity, process_index, process_count, class_names)
+
+
+@functools.cache
+def _digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8×8 digits (0–16) as uint8 RGB 0–255, split 80/20 stratified, seeded."""
+    if split not in FOLDER_SPLITS:
+        raise ValueError(f"{DIGITS} has splits {FOLDER_SPLITS}, got {split!r}.")
+    from sklearn.datasets import load_digits  # only this source needs scikit-learn
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    images = np.repeat(images[..., None], 3, axis=-1)
+    labels = digits.target.astype(np.int64)
+    train_x, test_x, train_y, test_y = train_test_split(
+        images,
+        labels,
+        test_size=_DIGITS_TEST_FRACTION,
+        random_state=_DIGITS_SPLIT_SEED,
+        stratify=labels,
+    )
+    return (train_x, train_y) if split == "train" else (test_x, test_y)
+
+
+def _folder_source(root: str, split: str, process_index: int, process_count: int) -> _Source:
+    if split not in FOLDER_SPLITS:
+        raise ValueError(f"Image folder {root!r} has splits {FOLDER_SPLITS}, got {split!r}.")
+    class_names = _folder_classes(root)
+    paths, labels = _scan_folder_split(os.path.abspath(root), split, class_names)
+    return _from_arrays(
+        np.array(paths),
+        np.array(labels, np.int64),
+        _decode_path,
+        process_index,
+        process_count,
+        class_names,
+    )
+
+
+def _folder_classes(root: str) -> tuple[str, ...]:
+    """Sorted class folder names of `<root>/train`; errors name the path that is wrong."""
+    for split in FOLDER_SPLITS:
+        if not os.path.isdir(os.path.join(root, split)):
+            raise ValueError(
+                f"Image folder {root!r} has no '{split}/' directory at "
+                f"{os.path.join(root, split)!r}; expected {root}/train/<class>/* and "
+                f"{root}/test/<class>/*."
+            )
+    train_dir = os.path.join(root, "train")
+    names = sorted(e.name for e in os.scandir(train_dir) if e.is_dir() and e.name[0] != ".")
+    if not names:
+        raise ValueError(f"Image folder {train_dir!r} has no class sub-directories.")
+    return tuple(names)
+
+
+@functools.cache
+def _scan_folder_split(
+    root: str, split: str, class_names: tuple[str, ...]
+) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Readable image files and labels of one split; bad files are skipped and reported once."""
+    split_dir = os.path.join(root, split)
+    unknown = sorted(
+        e.name
+        for e in os.scandir(split_dir)
+        if e.is_dir() and e.name[0] != "." and e.name not in class_names
+    )
+    if unknown:
+        raise ValueError(f"{split_dir!r} has classes not in train/: {unknown}.")
+    candidates = []
+    for label, name in enumerate(class_names):
+        class_dir = os.path.join(split_dir, name)
+        files = _list_files(class_dir)
+        if not files:
+            raise ValueError(f"Class folder {class_dir!r} is missing or has no files.")
+        candidates += [(path, label) for path in files]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        readable = list(pool.map(_is_readable_image, [p for p, _ in candidates]))
+    kept = [c for c, ok in zip(candidates, readable, strict=True) if ok]
+    skipped = [p for (p, _), ok in zip(candidates, readable, strict=True) if not ok]
+    if skipped:
+        _LOG.warning(
+            "Image folder %s: skipped %d unreadable or non-image file(s), e.g. %s",
+            split_dir,
+            len(skipped),
+            ", ".join(skipped[:_SKIPPED_NAMES_SHOWN]),
+        )
+    if not kept:
+        raise ValueError(f"Image folder {split_dir!r} has no readable images.")
+    for label, name in enumerate(class_names):
+        if not any(lab == label for _, lab in kept):
+            class_dir = os.path.join(split_dir, name)
+            raise ValueError(f"Class folder {class_dir!r} has no readable images.")
+    return tuple(p for p, _ in kept), tuple(lab for _, lab in kept)
+
+
+def _list_files(directory: str) -> list[str]:
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for dirpath, dirnames, filenames in os.walk(directory):
+        dirnames[:] = sorted(d for d in dirnames if d[0] != ".")
+        found += [os.path.join(dirpath, f) for f in sorted(filenames) if f[0] != "."]
+    return found
+
+
+def _is_readable_image(path: str) -> bool:
+    try:
+        _read_rgb(path)
+    except Exception:  # any decode failure means "skip this file"
+        return False
+    return True
+
+
+def _read_rgb(path: str | bytes) -> np.ndarray:
+    """Any Pillow-decodable file as uint8 RGB [H, W, 3] (16-bit scaled, alpha dropped)."""
+    path = path.decode() if isinstance(path, bytes) else path
+    with Image.open(path) as image:
+        image.load()
+        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            array = np.asarray(image, dtype=np.float64) / 257.0
+            gray = np.clip(np.round(array), 0, 255).astype(np.uint8)
+            return np.repeat(gray[..., None], 3, axis=-1)
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def _decode_path(path: tf.Tensor) -> tf.Tensor:
+    image = tf.numpy_function(_read_rgb, [path], tf.uint8, stateful=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def _decode_encoded(data: tf.Tensor) -> tf.Tensor:
+    return tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
+
+
+def _tfds_source(
+    name: str,
+    split: str,
+    process_index: int,
+    process_count: int,
+    *,
+    data_dir: str | None,
+    manual_dir: str | None,
+    download: bool,
+    shuffle_seed: int | None,
+) -> _Source:
+    """This process's even part of a tfds split, images left encoded until after skipping."""
+    _check_process(process_index, process_count)
+    own_split = split
+    if process_count > 1:
+        own_split = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
+    ds, info = _tfds_load(
+        name,
+        own_split,
+        data_dir=data_dir,
+        manual_dir=manual_dir,
+        download=download,
+        shuffle_seed=shuffle_seed,
+    )
+    own = _count(ds)
+    try:
+        total = info.splits[split].num_examples
+    except (KeyError, ValueError):  # tfds mock_data has no split info
+        total = own * process_count
+    label = info.features["label"]
+    label = getattr(label, "feature", label)  # Sequence(ClassLabel) for multi-label sets
+    names = tuple(label.names) if getattr(label, "names", None) else None
+    ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
+    return _Source(
+        ds,
+        _decode_encoded,
+        own,
+        max(own, math.ceil(total / process_count)),
+        label.num_classes,
+        names,
+    )
+
+
+def _tfds_load(
+    name: str,
+    split: Any,
+    *,
+    data_dir: str | None,
+    manual_dir: str | None,
+    download: bool,
+    shuffle_seed: int | None,
+) -> tuple[tf.data.Dataset, Any]:
+    """tfds.load, with a failure to find or prepare the data turned into one clear error."""
+    try:
+        return tfds.load(
+            name,
+            split=split,
+            data_dir=data_dir,
+            download=download,
+            with_info=True,
+            shuffle_files=shuffle_seed is not None,
+            read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed),
+            decoders={"image": tfds.decode.SkipDecoding()},
+            download_and_prepare_kwargs={
+                "download_config": tfds.download.DownloadConfig(manual_dir=manual_dir)
+            },
+        )
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise ValueError(f"Unknown dataset {name!r}: {e}") from e
+    except Exception as e:
+        where = data_dir or "the tfds default (~/tensorflow_datasets or $TFDS_DATA_DIR)"
+        dir_flag = f" --data_dir={data_dir}" if data_dir else ""
+        manual = f" --manual_dir={manual_dir}" if manual_dir else ""
+        raise FileNotFoundError(
+            f"Could not load tfds dataset {name!r} (split {split!r}) from data_dir={where}: "
+            f"{type(e).__name__}: {e}\nPrepare it with `tfds build {name}{dir_flag}{manual}` "
+            "on a machine with network access (or download it there and copy the data_dir "
+            "here), then point data_dir at it."
+        ) from e
+
+
+def _count(ds: tf.data.Dataset) -> int:
+    n = int(ds.cardinality())
+    if n >= 0:
+        return n
+    return int(ds.reduce(np.int64(0), lambda count, _: count + 1))
