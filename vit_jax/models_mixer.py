@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vit_jax.models_vit import _field, check_image_size
+from vit_jax.models_vit import IdentityLayer, _field, check_image_size
 
 
 class MlpBlock(nn.Module):
@@ -67,7 +67,7 @@ class MlpMixer(nn.Module):
             x = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim, dtype=self.dtype)(x)
         x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="pre_head_layer_norm")(x)
         x = jnp.mean(x, axis=1)
-        self.sow("intermediates", "pre_logits", x)
+        x = IdentityLayer(name="pre_logits")(x)  # no params; names the features like the ViT
         if self.num_classes:
             x = nn.Dense(
                 self.num_classes,
