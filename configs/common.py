@@ -19,3 +19,46 @@ def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
     Unknown names fail listing close matches; unknown keys fail listing the valid ones.
     """
     return models.model_config(name, **overrides)
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Every key `train.train_and_evaluate` reads, with its default; recipes change a few fields.
+
+    The result is locked: assigning a key not declared here fails (also from the command line).
+    """
+    c = ml_collections.ConfigDict()
+    # Data.
+    c.dataset = "sklearn_digits"  # tfds name, 'folder:/path', or the embedded 'sklearn_digits'
+    c.train_split = "train"  # split to train on (tfds slicing allowed: 'train[:98%]')
+    c.test_split = "test"  # split to evaluate on; every example is counted once
+    c.data_dir = ""  # tfds data_dir ('' = tfds default)
+    c.image_size = 32  # train and eval resolution (pixels, square)
+    c.eval_crop = "resize"  # 'resize' (the original) or 'resize_small_crop'
+    c.shuffle_buffer = 10_000  # training shuffle buffer (examples)
+    # Model: zoo name plus constructor overrides (num_classes comes from the dataset).
+    c.model = model_config("testing")  # constructor arguments of the zoo model
+    # Optimisation.
+    c.batch_size = 512  # global batch over all devices and processes
+    c.accum_steps = 1  # micro-batches per device batch; their gradients are averaged
+    c.optimizer = "sgd"  # 'sgd' (momentum), 'adam' or 'adamw' (kernel-only decoupled decay)
+    c.base_lr = 0.03  # peak learning rate, reached after warmup
+    c.total_steps = 10_000  # optimizer updates
+    c.warmup_steps = 500  # linear warmup updates (first update already has base_lr/warmup)
+    c.decay_type = "cosine"  # 'cosine' or 'linear' decay to linear_end after warmup
+    c.linear_end = 0.0  # learning rate at the last step
+    c.grad_clip_norm = 1.0  # global-norm gradient clip (0 = no clipping)
+    c.momentum = 0.9  # SGD momentum (0 = plain SGD)
+    c.adam_b1 = 0.9  # Adam/AdamW beta1
+    c.adam_b2 = 0.999  # Adam/AdamW beta2
+    c.optim_dtype = "float32"  # dtype of SGD momentum / Adam first moment: float32 or bfloat16
+    c.weight_decay = 0.0  # decoupled weight decay, adamw only, kernels only
+    c.loss = "softmax_xent"  # 'softmax_xent' or 'sigmoid_xent' (multi-hot capable)
+    c.label_smoothing = 0.0  # mass moved uniformly over all classes (softmax_xent only)
+    c.seed = 0  # init, dropout and data-order seed
+    # Schedule of side work (in steps; 0 = only at the end).
+    c.eval_every = 0  # evaluate on test_split every this many steps, and at the end
+    c.log_every = 50  # log train loss / lr / grad norm every this many steps
+    # Fine-tuning.
+    c.pretrained = ""  # released-format .npz, or a workdir holding params.npz ('' = from scratch)
+    c.lock()
+    return c

@@ -1,0 +1,200 @@
+"""Tests for vit_jax/train.py and vit_jax/main.py on 8 fake CPU devices (see conftest.py)."""
+
+import functools
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import jax_utils
+
+from configs import common
+from configs import default as default_config
+from vit_jax import checkpoint, train
+
+DIGITS_TEST = 360  # examples in the embedded digits test split
+
+
+def tiny_config(**overrides):
+    config = common.get_config()
+    config.model = common.model_config(
+        "testing", patches={"size": (4, 4)}, transformer={"dropout_rate": 0.0}
+    )
+    config.image_size = 8
+    config.batch_size = 16
+    config.total_steps = 3
+    config.warmup_steps = 1
+    config.log_every = 1
+    config.update(overrides)
+    return config
+
+
+def test_pretrain_then_finetune_at_twice_the_resolution(tmp_path):
+    config = default_config.get_config()
+    for name, size in (("pretrain", 8), ("finetune", 16)):
+        phase = config[name]
+        phase.model = tiny_config().model
+        phase.update(image_size=size, batch_size=16, total_steps=2, warmup_steps=1, log_every=1)
+    results = train.train_phases(config, str(tmp_path))
+    assert set(results) == {"pretrain", "finetune"}
+    for metrics in results.values():
+        assert metrics["count"] == DIGITS_TEST  # every test example once, padding masked out
+        assert np.isfinite(metrics["loss"]) and 0.0 <= metrics["accuracy"] <= 1.0
+    pre = checkpoint.load(tmp_path / "pretrain" / "params.npz")
+    fine = checkpoint.load(tmp_path / "finetune" / "params.npz")
+    assert pre["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 5, 10)
+    assert fine["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 17, 10)
+
+
+def test_train_and_evaluate_returns_state_and_writes_params(tmp_path):
+    state, metrics = train.train_and_evaluate(tiny_config(eval_every=2), str(tmp_path))
+    assert int(state.step) == 3
+    saved = checkpoint.load(tmp_path / "params.npz")
+    leaves = jax.tree.leaves(jax.tree.map(np.allclose, saved, jax.device_get(state.params)))
+    assert all(leaves)
+    assert metrics["count"] == DIGITS_TEST
+
+
+def _sgd_state_and_step(accum_steps):
+    config = tiny_config(optimizer="sgd", momentum=0.0, grad_clip_norm=0.0, base_lr=0.5)
+    config.accum_steps = accum_steps
+    config.warmup_steps = 0
+    model = train.make_model(config, num_classes=10)
+    schedule = train.make_schedule(config)
+    state = train.create_state(config, model, schedule)
+    return jax_utils.replicate(state), train.make_train_step(config, schedule)
+
+
+def test_gradient_accumulation_gives_the_same_sgd_update():
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (8, 8, 8, 8, 3)).astype(np.float32)  # 8 devices × 8 examples
+    labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, (8, 8))]
+    batch = {"image": images, "label": labels}
+    key = jax_utils.replicate(jax.random.PRNGKey(0))
+    results = {}
+    for k in (1, 4):
+        state, step = _sgd_state_and_step(k)
+        before = jax.device_get(jax_utils.unreplicate(state.params))
+        state, metrics = step(state, batch, key)
+        results[k] = (jax.device_get(jax_utils.unreplicate(state.params)), metrics)
+    (p1, m1), (p4, m4) = results[1], results[4]
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), p1, before))
+    assert max(moved) > 1e-3  # the update is not trivially zero
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)
+    np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
+    np.testing.assert_allclose(m1["lr"][0], 0.5 * 0.5 * (1 + np.cos(np.pi / 3)), rtol=1e-6)
+
+
+def test_micro_batches_get_distinct_dropout_keys():
+    """Micro-batch i draws from fold_in(rng, i): the mean of the draws differs from draw 0."""
+    batch = {"x": jnp.arange(8.0)}
+
+    def record(params, micro, key):
+        return jnp.sum(micro["x"]) * 0.0, {"k": jax.random.uniform(key)}
+
+    _, grads = train.accumulate_gradients(
+        record, {"k": jnp.zeros(())}, batch, jax.random.PRNGKey(0), 4
+    )
+    # The mean of 4 uniform draws from identical keys would equal each draw: compare with key 0.
+    first = jax.random.uniform(jax.random.fold_in(jax.random.PRNGKey(0), 0))
+    expected = np.mean(
+        [jax.random.uniform(jax.random.fold_in(jax.random.PRNGKey(0), i)) for i in range(4)]
+    )
+    np.testing.assert_allclose(grads["k"], expected, rtol=1e-6)
+    assert not np.isclose(grads["k"], first)
+
+
+def _fake_apply(variables, images, train):
+    """Logits = one-hot of the class written into pixel (0, 0, 0): always right."""
+    del variables, train
+    return jax.nn.one_hot(images[:, 0, 0, 0].astype(jnp.int32), 10)
+
+
+def test_eval_weights_by_mask_and_counts_every_example_once():
+    step = jax.pmap(
+        functools.partial(train.eval_step, apply_fn=_fake_apply, loss_name="softmax_xent"),
+        axis_name="batch",
+    )
+    classes = np.arange(8 * 4).reshape(8, 4) % 10
+    images = np.zeros((8, 4, 2, 2, 3), np.float32)
+    images[..., 0, 0, 0] = classes
+    labels = np.eye(10, dtype=np.float32)[classes]
+    mask = np.ones((8, 4), np.float32)
+    labels[1, 3] = np.eye(10)[(classes[1, 3] + 1) % 10]  # one wrong real example
+    mask[7, 2:] = 0.0  # two padded entries, wrong labels: must not count
+    labels[7, 2:] = 0.0
+    batch = {"image": images, "label": labels, "mask": mask}
+    metrics = train.evaluate(step, {}, [batch, batch])
+    assert metrics["count"] == 2 * 30
+    assert metrics["accuracy"] == pytest.approx(58 / 60)
+    assert metrics["accuracy_top5"] == pytest.approx(58 / 60)  # the wrong class is not in top-5
+
+
+def test_nan_loss_stops_with_the_step(tmp_path, monkeypatch):
+    def nan_loss(logits, labels, loss_name, label_smoothing=0.0):
+        return jnp.full(logits.shape[:1], jnp.nan)
+
+    monkeypatch.setattr(train, "compute_loss", nan_loss)
+    with pytest.raises(FloatingPointError, match="at step 1"):
+        train.train_and_evaluate(tiny_config(), str(tmp_path))
+    assert not (tmp_path / "params.npz").exists()
+
+
+def test_nan_guard_names_the_first_bad_step():
+    ok = {"loss": np.array([1.0]), "lr": np.array([0.1])}
+    bad = {"loss": np.array([np.inf]), "lr": np.array([0.1])}
+    with pytest.raises(FloatingPointError, match="step 6"):
+        train._log_train([ok, bad, ok], first_step=5, batch_size=8, seconds=1.0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"batch_size": 12}, r"batch_size=12 .* device count \(8\)"),
+        ({"accum_steps": 3}, r"16 / 8 devices = 2\) must be divisible by accum_steps=3"),
+        ({"loss": "xent"}, "Unknown loss='xent'; valid values: softmax_xent, sigmoid_xent"),
+        ({"optimizer": "lamb"}, "Unknown optimizer='lamb'"),
+        ({"decay_type": "exp"}, "Unknown decay_type='exp'"),
+        ({"optim_dtype": "float16"}, "Unknown optim_dtype"),
+        ({"image_size": 10}, r"Image size \(10, 10\) is not divisible by the patch size"),
+        ({"total_steps": 5, "warmup_steps": 5}, "must be larger than warmup_steps"),
+        ({"base_lr": -1.0}, "must be ≥ 0"),
+        ({"label_smoothing": 0.1, "loss": "sigmoid_xent"}, "softmax_xent' only"),
+    ],
+)
+def test_config_errors_are_clear(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train.validate_config(tiny_config(**overrides), 8, 8)
+
+
+def test_phase_order_is_checked(tmp_path):
+    config = default_config.get_config()
+    config.phases = ("finetune", "pretrain")
+    with pytest.raises(ValueError, match="has not run before it"):
+        train.train_phases(config, str(tmp_path))
+
+
+def test_configs_are_locked_and_unknown_overrides_fail(tmp_path):
+    with pytest.raises(AttributeError, match="batchsize"):
+        common.get_config().batchsize = 3
+    with pytest.raises(AttributeError, match="batchsize"):
+        default_config.get_config().finetune.batchsize = 3
+    command = [sys.executable, "-m", "vit_jax.main", f"--workdir={tmp_path}"]
+    result = subprocess.run(
+        [*command, "--config.finetune.batchsize=7"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode != 0
+    assert 'Did you mean "batch_size" instead of "batchsize"' in result.stderr
+    assert not any(tmp_path.iterdir())  # nothing ran
+
+
+def test_default_config_is_valid():
+    config = default_config.get_config()
+    for name in config.phases:
+        train.validate_config(config[name], 1, 1)
+    assert config.finetune.image_size == 2 * config.pretrain.image_size
+    assert config.finetune.pretrained == "phase:pretrain"
