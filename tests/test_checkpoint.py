@@ -144,6 +144,14 @@ def test_save_load_round_trip_is_bit_identical(tmp_path, make_model):
     assert os.listdir(tmp_path) == ["params.npz"]
 
 
+def test_save_overwrites_an_existing_file(tmp_path):
+    path = tmp_path / "params.npz"
+    checkpoint.save(_init(_tiny_vit(), seed=0), path)
+    newer = _init(_tiny_vit(), seed=1)
+    checkpoint.save(newer, path)
+    _assert_trees_equal(checkpoint.load(path), newer)
+
+
 def test_saved_file_uses_the_released_numbering(tmp_path):
     params = _init(_tiny_vit(layers=12))
     path = tmp_path / "vit.npz"

@@ -92,7 +92,7 @@ def save(params: Mapping[str, Any], path: str | os.PathLike) -> None:
     try:
         with tmp.open("wb") as f:
             np.savez(f, **arrays)
-        tmp.rename(path)
+        tmp.replace(path)
     finally:
         if tmp.exists():
             tmp.unlink()
