@@ -78,7 +78,7 @@ def train_and_evaluate(
             eval_metrics = evaluate(p_eval_step, pstate.params, eval_batches)
             _LOG.info("step %d eval %s", step, _fmt(eval_metrics))
     state = jax.device_get(jax_utils.unreplicate(pstate))
-    _save_params(state.params, os.path.join(workdir, PARAMS_FILE))
+    checkpoint.save(jax.device_get(state.params), os.path.join(workdir, PARAMS_FILE))
     return state, eval_metrics
 
 
@@ -382,16 +382,6 @@ def _check_patch_grid(model_config: ml_collections.ConfigDict, image_size: int) 
         models_vit.stem_stride(resnet),
         model_config.model_name,
     )
-
-
-def _save_params(params: Any, path: str) -> None:
-    """`checkpoint.save` to a temporary name, then an atomic replace of an existing file.
-
-    (checkpoint.save itself refuses to overwrite, so a rerun in the same workdir would fail.)
-    """
-    tmp = f"{path}.partial.npz"
-    checkpoint.save(params, tmp)
-    os.replace(tmp, path)
 
 
 def _pretrained_file(path: str) -> str:
