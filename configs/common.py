@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train_split = "train"  # split to train on (tfds slicing allowed: 'train[:98%]')
     c.test_split = "test"  # split to evaluate on; every example is counted once
     c.data_dir = ""  # tfds data_dir ('' = tfds default)
+    c.manual_dir = ""  # tfds manual_dir for datasets downloaded by hand ('' = tfds default)
     c.image_size = 32  # train and eval resolution (pixels, square)
     c.eval_crop = "resize"  # 'resize' (the original) or 'resize_small_crop'
     c.shuffle_buffer = 10_000  # training shuffle buffer (examples)
@@ -54,10 +55,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.weight_decay = 0.0  # decoupled weight decay, adamw only, kernels only
     c.loss = "softmax_xent"  # 'softmax_xent' or 'sigmoid_xent' (multi-hot capable)
     c.label_smoothing = 0.0  # mass moved uniformly over all classes (softmax_xent only)
+    c.mixup_alpha = 0.0  # mixup Beta(alpha, alpha) mixing of images and labels (0 = off)
     c.seed = 0  # init, dropout and data-order seed
     # Schedule of side work (in steps; 0 = only at the end).
     c.eval_every = 0  # evaluate on test_split every this many steps, and at the end
     c.log_every = 50  # log train loss / lr / grad norm every this many steps
+    c.checkpoint_every = 1000  # save a resumable checkpoint every this many steps (and at the end)
+    c.keep_checkpoints = 2  # resumable checkpoints kept in <workdir>/checkpoints
     # Fine-tuning.
     c.pretrained = ""  # released-format .npz, or a workdir holding params.npz ('' = from scratch)
     c.lock()
