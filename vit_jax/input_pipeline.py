@@ -604,3 +604,21 @@ def _count(ds: tf.data.Dataset) -> int:
     if n >= 0:
         return n
     return int(ds.reduce(np.int64(0), lambda count, _: count + 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Single images (prediction).
+
+
+def eval_image(path: str, image_size: int, eval_crop: str = "resize") -> np.ndarray:
+    """One image file with `get_eval_iterator`'s preprocessing: float32 [S, S, 3] in [-1, 1].
+
+    Decoded as image-folder files are (Pillow; grayscale, RGBA, CMYK, 16-bit → RGB), then the
+    same `eval_crop` resize and normalisation, so a prediction sees what evaluation saw. A
+    missing or undecodable file raises what Pillow raises (an OSError).
+    """
+    if eval_crop not in EVAL_CROPS:
+        raise ValueError(f"Unknown eval_crop {eval_crop!r}; valid values: {', '.join(EVAL_CROPS)}.")
+    image = tf.constant(_read_rgb(path))
+    crop = _resize if eval_crop == "resize" else _resize_small_centre_crop
+    return _normalize(crop(image, image_size)).numpy()

@@ -1,0 +1,513 @@
+"""Prediction: a checkpoint and image files → the top-k classes of each image.
+
+    python -m vit_jax.predict --checkpoint=ViT-B_16.npz --model=ViT-B_16 \
+        --labels=ilsvrc2012_wordnet_lemmas.txt [--top_k=5] [--json] IMAGE...
+
+This module owns turning a checkpoint into a model ready for prediction (`load_for_prediction`:
+the class count comes from the checkpoint's head, `pre_logits` from the checkpoint, the input
+resolution from its position table), the jitted forward pass in fixed-size padded batches
+(`Predictor`, one compilation per batch shape), top-k classification of image files with one
+error per unreadable file (`classify`), labels files, and the command line (`main`). It does not
+own the checkpoint format (`vit_jax.checkpoint`), the models (`vit_jax.models`) or the
+preprocessing, which is the training pipeline's evaluation preprocessing
+(`input_pipeline.eval_image`: resize, or resize-small + centre crop, to [-1, 1]).
+
+`--checkpoint` is a released-format `.npz`, or a training workdir: its `params.npz`, or, for a
+multi-phase run (`<workdir>/<phase>/params.npz`), the phase that ran last (see
+`resolve_checkpoint`).
+
+The command line uses argparse with the parser built by `build_parser` (as `vit_jax.demo`
+does), so importing this module as a library (notebooks, `vit_jax.attention`) defines no
+global flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TextIO
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from vit_jax import checkpoint, input_pipeline, models, models_mixer, models_vit
+
+PARAMS_FILE = "params.npz"  # what a training workdir (or each phase of one) holds
+IMAGENET1K_LABELS_URL = "https://storage.googleapis.com/bit_models/ilsvrc2012_wordnet_lemmas.txt"
+IMAGENET21K_LABELS_URL = "https://storage.googleapis.com/bit_models/imagenet21k_wordnet_lemmas.txt"
+POOLED_CLASSIFIERS = ("token", "gap")  # classifiers that give one prediction per image
+DEFAULT_BATCH_SIZE = 8
+
+Params = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------------------------
+# Public interface: loading.
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> str:
+    """The `.npz` to load for `path`: the file itself, or the params file of a workdir.
+
+    A workdir holding `params.npz` gives that file. A multi-phase workdir (no `params.npz`,
+    but `<phase>/params.npz` sub-directories) gives the phase whose params file was written
+    last, i.e. the last phase that finished. A directory with neither is an error listing what
+    it holds. A path that does not exist is returned unchanged, for `checkpoint.load` to report.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return path
+    own = os.path.join(path, PARAMS_FILE)
+    if os.path.isfile(own):
+        return own
+    entries = sorted(os.listdir(path))
+    phases = [e for e in entries if os.path.isfile(os.path.join(path, e, PARAMS_FILE))]
+    if not phases:
+        shown = ", ".join(entries[:20]) + (" ..." if len(entries) > 20 else "") or "nothing"
+        raise FileNotFoundError(
+            f"Checkpoint directory {path!r} has no {PARAMS_FILE} and no phase sub-directory "
+            f"with one (it holds: {shown}). Pass a released-format .npz file, or the workdir of "
+            "a finished training run."
+        )
+    latest = max(phases, key=lambda p: (os.path.getmtime(os.path.join(path, p, PARAMS_FILE)), p))
+    return os.path.join(path, latest, PARAMS_FILE)
+
+
+def load_params(path: str | os.PathLike) -> Params:
+    """`checkpoint.load` of `resolve_checkpoint(path)` (its errors are the clear ones)."""
+    return checkpoint.load(resolve_checkpoint(path))
+
+
+def head_size(params: Mapping[str, Any]) -> int:
+    """Number of classes of the checkpoint's `head`; an error for a head-less checkpoint."""
+    head = params.get("head")
+    if not isinstance(head, Mapping) or "kernel" not in head:
+        raise checkpoint.CheckpointError(
+            "The checkpoint has no classification head (`head/kernel`): it holds features only "
+            f"(top-level keys: {sorted(params)}). Prediction needs a checkpoint with a head, "
+            "e.g. a fine-tuned one or an ImageNet-21k pretrained one."
+        )
+    return int(np.shape(head["kernel"])[-1])
+
+
+def infer_image_size(params: Mapping[str, Any], model: nn.Module) -> int:
+    """The square input resolution the checkpoint was trained at.
+
+    ViT: the position table's grid (rows without the class row when the checkpoint has `cls`)
+    × patch size × the hybrid stem's stride. Mixer: the token-mixing width (= number of patches)
+    × patch size. Only array shapes are read, so `jax.eval_shape` trees work too.
+    """
+    if isinstance(model, models_mixer.MlpMixer):
+        tokens = _shape(params, ("MixerBlock_0", "token_mixing", "Dense_0", "kernel"))[0]
+        patch, stride, what = tuple(model.patches["size"]), 1, "Mixer"
+        has_class_token = False
+    else:
+        tokens = _shape(params, ("Transformer", "posembed_input", "pos_embedding"))[1]
+        patch, stride, what = model.patch_size, models_vit.stem_stride(model.resnet), "position"
+        has_class_token = "cls" in params
+    grid_tokens = tokens - int(has_class_token)
+    side = math.isqrt(grid_tokens)
+    if side * side != grid_tokens or patch[0] != patch[1]:
+        raise checkpoint.CheckpointError(
+            f"The checkpoint's {what} table has {grid_tokens} grid tokens (class row excluded) "
+            f"with patches {tuple(patch)}, which is not a square image; prediction uses square "
+            "images, so pass the resolution (--image_size / image_size=)."
+        )
+    return side * patch[0] * stride
+
+
+def load_for_prediction(
+    checkpoint_path: str | os.PathLike,
+    model_name: str,
+    *,
+    image_size: int | None = None,
+    **overrides: Any,
+) -> tuple[nn.Module, Params, int]:
+    """(model, params, image_size) for a checkpoint (file or workdir) and a zoo model name.
+
+    See `prepare_for_prediction`; `overrides` are `models.get_model` overrides.
+    """
+    return prepare_for_prediction(
+        load_params(checkpoint_path), model_name, image_size=image_size, **overrides
+    )
+
+
+def prepare_for_prediction(
+    params: Mapping[str, Any],
+    model_name: str,
+    *,
+    image_size: int | None = None,
+    **overrides: Any,
+) -> tuple[nn.Module, Params, int]:
+    """Builds zoo model `model_name` for loaded `params` and checks the params fit it.
+
+    `num_classes` comes from the checkpoint's head and, for a ViT, `representation_size` from
+    its `pre_logits` (released ImageNet-21k files have one, fine-tuned ones do not), unless
+    given in `overrides`. The resolution is the checkpoint's (`infer_image_size`) unless
+    `image_size` is given, in which case the position table is resampled to the new grid as
+    fine-tuning does. Anything else that differs from the model fails with one error listing
+    every missing, extra and mis-shaped parameter.
+    """
+    params = dict(params)
+    kwargs: dict[str, Any] = {"num_classes": head_size(params)}
+    if models.model_class(model_name) is models_vit.VisionTransformer:
+        pre_logits = params.get("pre_logits")
+        if isinstance(pre_logits, Mapping) and "kernel" in pre_logits:
+            kwargs["representation_size"] = int(np.shape(pre_logits["kernel"])[-1])
+        else:
+            kwargs["representation_size"] = None
+    kwargs.update(overrides)
+    model = models.get_model(model_name, **kwargs)
+    classifier = getattr(model, "classifier", "gap")
+    if classifier not in POOLED_CLASSIFIERS:
+        raise ValueError(
+            f"Model {model_name!r} has classifier={classifier!r}, which gives one prediction per "
+            f"token; prediction needs one of {', '.join(POOLED_CLASSIFIERS)}."
+        )
+    native = infer_image_size(params, model)
+    size = native if image_size is None else int(image_size)
+    if size <= 0:
+        raise ValueError(f"image_size must be positive, got {size}.")
+    shapes = jax.eval_shape(
+        lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
+        jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),
+    )["params"]
+    if checkpoint.is_scanned(shapes):
+        shapes = checkpoint.unscan_params(shapes)
+    if size != native and isinstance(model, models_vit.VisionTransformer):
+        params = _resample_position_table(params, shapes)
+    try:
+        params = checkpoint.inspect_params(params=params, expected=shapes)
+    except checkpoint.CheckpointError as e:
+        raise checkpoint.CheckpointError(
+            f"The checkpoint does not fit model {model_name!r} at {size} px (is the model name "
+            f"right? a non-zoo architecture needs its overrides). {e}"
+        ) from None
+    if getattr(model, "scan", False):
+        params = checkpoint.scan_params(params)
+    return model, params, size
+
+
+def read_labels(path: str | os.PathLike, num_classes: int) -> list[str]:
+    """Class names, one per line, checked against the head size (an error names both numbers).
+
+    The standard files: ImageNet-1k `IMAGENET1K_LABELS_URL` (1,000 lines), ImageNet-21k
+    `IMAGENET21K_LABELS_URL` (21,843 lines).
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = f.read().splitlines()
+    except OSError as e:
+        raise FileNotFoundError(f"Cannot read labels file {path!r}: {e.strerror or e}.") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"Labels file {path!r} is not UTF-8 text ({e.reason}).") from None
+    if len(names) != num_classes:
+        raise ValueError(
+            f"Labels file {path!r} has {len(names)} lines, but the checkpoint's head has "
+            f"{num_classes} classes. Give one class name per line, in the head's order (ImageNet-"
+            f"1k: {IMAGENET1K_LABELS_URL}, ImageNet-21k: {IMAGENET21K_LABELS_URL})."
+        )
+    return names
+
+
+# ----------------------------------------------------------------------------------------------
+# Public interface: running.
+
+
+class Predictor:
+    """The jitted forward pass over fixed-size batches (the last one zero-padded).
+
+    Every call with images of one shape reuses one compiled function: `traces` counts how
+    often the forward pass was traced (once per distinct image shape).
+    """
+
+    def __init__(
+        self, model: nn.Module, params: Mapping[str, Any], batch_size: int = DEFAULT_BATCH_SIZE
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        self.model = model
+        self.batch_size = batch_size
+        self.params = jax.device_put(params)
+        self.traces = 0
+
+        def forward(params, images):
+            self.traces += 1  # Python side effect: runs once per trace, not per call
+            return model.apply({"params": params}, images, train=False)
+
+        self._forward = jax.jit(forward)
+
+    def __call__(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """Logits [N, classes] (float32, NumPy) of images [N, H, W, 3] in [-1, 1]."""
+        images = np.asarray(images, np.float32)
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"Expected images of shape [N, H, W, 3], got {images.shape}.")
+        outputs = []
+        for start in range(0, len(images), self.batch_size):
+            batch = images[start : start + self.batch_size]
+            real = len(batch)
+            if real < self.batch_size:
+                padding = np.zeros((self.batch_size - real, *batch.shape[1:]), np.float32)
+                batch = np.concatenate([batch, padding])
+            outputs.append(np.asarray(self._forward(self.params, batch))[:real])
+        if not outputs:
+            return np.zeros((0, self.model.num_classes), np.float32)
+        return np.concatenate(outputs)
+
+
+def predict(
+    model: nn.Module,
+    params: Mapping[str, Any],
+    images: np.ndarray | Sequence[np.ndarray],
+    *,
+    batch_size: int | None = None,
+) -> np.ndarray:
+    """Logits [N, classes] of preprocessed images [N, H, W, 3] (one-shot `Predictor`)."""
+    images = np.asarray(images, np.float32)
+    return Predictor(model, params, batch_size or max(len(images), 1))(images)
+
+
+def probabilities(logits: np.ndarray, *, sigmoid: bool = False) -> np.ndarray:
+    """Softmax over classes (float64), or per-class sigmoid for sigmoid-trained heads."""
+    logits = np.asarray(logits, np.float64)
+    if sigmoid:
+        return 1.0 / (1.0 + np.exp(-logits))
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, values) of the k largest entries per row, largest first (ties: lower index)."""
+    k = min(k, probs.shape[-1])
+    indices = np.argsort(-probs, axis=-1, kind="stable")[..., :k]
+    return indices, np.take_along_axis(probs, indices, axis=-1)
+
+
+def load_image(path: str, image_size: int, eval_crop: str = "resize") -> np.ndarray:
+    """One file, preprocessed as in evaluation; an unreadable file raises `ImageError`."""
+    if eval_crop not in input_pipeline.EVAL_CROPS:
+        valid = ", ".join(input_pipeline.EVAL_CROPS)
+        raise ValueError(f"Unknown eval_crop {eval_crop!r}; valid values: {valid}.")
+    try:
+        return input_pipeline.eval_image(path, image_size, eval_crop)
+    except FileNotFoundError:
+        raise ImageError(path, "no such file") from None
+    except IsADirectoryError:
+        raise ImageError(path, "is a directory, not an image file") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        # What Pillow raises for non-image, truncated or corrupt files.
+        raise ImageError(path, f"not a readable image ({type(e).__name__}: {e})") from None
+
+
+class ImageError(ValueError):
+    """An image file that cannot be read; the other images of a run are still predicted."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"cannot read image {path!r}: {reason}")
+        self.path = path
+
+
+def classify(
+    predictor: Predictor,
+    paths: Iterable[str],
+    *,
+    image_size: int,
+    k: int = 5,
+    labels: Sequence[str] | None = None,
+    eval_crop: str = "resize",
+    sigmoid: bool = False,
+) -> list[dict[str, Any]]:
+    """Top-k classes of each image file, in the order given.
+
+    Each result is `{'image': path, 'top_k': [{'class': index, 'label': name or None,
+    'prob': p}, ...]}`, or `{'image': path, 'error': message}` for a file that cannot be read.
+    Images are read `predictor.batch_size` at a time, so memory does not grow with their number.
+    """
+    results: list[dict[str, Any]] = []
+    pending: list[tuple[dict[str, Any], np.ndarray]] = []
+
+    def flush():
+        if not pending:
+            return
+        logits = predictor(np.stack([image for _, image in pending]))
+        indices, values = top_k(probabilities(logits, sigmoid=sigmoid), k)
+        for (result, _), row_idx, row_val in zip(pending, indices, values, strict=True):
+            result["top_k"] = [
+                {"class": int(i), "label": labels[i] if labels else None, "prob": float(p)}
+                for i, p in zip(row_idx, row_val, strict=True)
+            ]
+        pending.clear()
+
+    for path in paths:
+        result: dict[str, Any] = {"image": path}
+        results.append(result)
+        try:
+            pending.append((result, load_image(path, image_size, eval_crop)))
+        except ImageError as e:
+            result["error"] = str(e)
+        if len(pending) == predictor.batch_size:
+            flush()
+    flush()
+    return results
+
+
+def format_results(results: Sequence[Mapping[str, Any]]) -> str:
+    """Plain-text report: per image its path, then one line per class (prob, index, name)."""
+    lines = []
+    for result in results:
+        if "error" in result:
+            continue
+        lines.append(result["image"])
+        for entry in result["top_k"]:
+            name = f"  {entry['label']}" if entry["label"] is not None else ""
+            lines.append(f"  {entry['prob']:.4f}  {entry['class']:>5d}{name}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line.
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """argparse type of --overrides: a JSON object (a clear usage error otherwise)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object {{...}}, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m vit_jax.predict",
+        description="Top-k classes of image files with a ViT / hybrid / Mixer checkpoint.",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="Released-format .npz, or a training workdir (its params.npz, or the last phase's).",
+    )
+    parser.add_argument("--model", required=True, help="Zoo model name, e.g. ViT-B_16.")
+    parser.add_argument(
+        "--labels",
+        help=(
+            "Class names, one per line, in the head's order. ImageNet-1k: "
+            f"{IMAGENET1K_LABELS_URL}; ImageNet-21k: {IMAGENET21K_LABELS_URL}."
+        ),
+    )
+    parser.add_argument("--top_k", type=int, default=5, help="Classes shown per image.")
+    parser.add_argument(
+        "--image_size",
+        type=int,
+        help="Input resolution (default: the checkpoint's, from its position table).",
+    )
+    parser.add_argument(
+        "--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="Images per compiled call."
+    )
+    parser.add_argument(
+        "--eval_crop",
+        default="resize",
+        choices=input_pipeline.EVAL_CROPS,
+        help="Evaluation preprocessing the model was evaluated with (config.eval_crop).",
+    )
+    parser.add_argument(
+        "--overrides",
+        type=parse_overrides,
+        default={},
+        help='Model overrides as JSON, e.g. \'{"hidden_size": 64, "patches": {"size": [4, 4]}}\'.',
+    )
+    parser.add_argument(
+        "--sigmoid", action="store_true", help="Per-class sigmoid (sigmoid-trained heads)."
+    )
+    parser.add_argument("--json", action="store_true", help="Print one JSON document.")
+    parser.add_argument("--verbose", action="store_true", help="Show tracebacks of errors.")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="Image files.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None) -> int:
+    """Runs the command line; returns the exit code (1 when any image failed, 2 on setup errors)."""
+    stdout = stdout or sys.stdout
+    args = build_parser().parse_args(argv)
+    try:
+        setup = _setup(args)
+    except (OSError, ValueError) as e:  # CheckpointError is a ValueError
+        if args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    predictor, image_size, labels = setup
+    results = classify(
+        predictor,
+        args.images,
+        image_size=image_size,
+        k=args.top_k,
+        labels=labels,
+        eval_crop=args.eval_crop,
+        sigmoid=args.sigmoid,
+    )
+    errors = [r["error"] for r in results if "error" in r]
+    for message in errors:
+        print(f"error: {message}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(results, indent=1), file=stdout)
+    else:
+        print(format_results(results), file=stdout)
+    return 1 if errors else 0
+
+
+def _setup(args: argparse.Namespace) -> tuple[Predictor, int, list[str] | None]:
+    """Everything that can fail before any image is read: checkpoint, labels, model, sizes."""
+    if args.top_k < 1:
+        raise ValueError(f"--top_k must be >= 1, got {args.top_k}.")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}.")
+    params = load_params(args.checkpoint)
+    labels = read_labels(args.labels, head_size(params)) if args.labels else None
+    model, params, image_size = prepare_for_prediction(
+        params, args.model, image_size=args.image_size, **args.overrides
+    )
+    batch_size = min(args.batch_size, len(args.images))
+    return Predictor(model, params, batch_size), image_size, labels
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers.
+
+
+def _shape(params: Mapping[str, Any], path: tuple[str, ...]) -> tuple[int, ...]:
+    node: Any = params
+    for part in path:
+        if not isinstance(node, Mapping) or part not in node:
+            raise checkpoint.CheckpointError(
+                f"The checkpoint has no {'/'.join(path)}; is it a checkpoint of this model "
+                f"family? (top-level keys: {sorted(params)})"
+            )
+        node = node[part]
+    return tuple(np.shape(node))
+
+
+def _resample_position_table(params: Params, expected: Mapping[str, Any]) -> Params:
+    """The position table resampled to the grid of `expected` (as fine-tuning does)."""
+    old = params["Transformer"]["posembed_input"]["pos_embedding"]
+    new_shape = expected["Transformer"]["posembed_input"]["pos_embedding"].shape
+    has_class_token = "cls" in params
+    resampled = checkpoint.interpolate_posembed(
+        old, new_shape[1], has_class_token, new_has_class_token="cls" in expected
+    )
+    transformer = dict(params["Transformer"])
+    transformer["posembed_input"] = {**transformer["posembed_input"], "pos_embedding": resampled}
+    return {**params, "Transformer": transformer}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
