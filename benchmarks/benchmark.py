@@ -1,0 +1,387 @@
+"""Speed and memory of ViT configurations side by side: `python benchmarks/benchmark.py`.
+
+Each row is one (model, resolution, variant). The `reference` variant is numerically the
+original (fp32, Flax attention, unrolled encoder, no remat); the others switch on the model's
+speed/memory options, which keep the parameter tree. All variants run in one process, one after
+another, so their ratios are comparable on a noisy machine; every time is the median of
+`--repeats` timed runs after warm-up.
+
+Columns:
+  train img/s    the real pmap'd training step (`train.train_step`: loss, grads, pmean, SGD with
+                 momentum and clipping) over all local devices, global batch `--batch`;
+  infer img/s    jit'd `model.apply(train=False)` on one device, batch `--batch`;
+  compile s      lowering + XLA compilation of the train step;
+  peak MiB       the compiled train step's device memory: arguments + outputs + temporaries −
+                 aliased (donated) buffers, from XLA's `memory_analysis()`, per device;
+  GFLOP/img      XLA's `cost_analysis()` of the train step divided by the per-device batch;
+  MFU            on an accelerator with a known peak: achieved train FLOP/s ÷ peak (bf16 peak).
+Ratios (× ref) compare with the reference row of the same model and resolution.
+
+With `timm` and `torch` importable, `--timm` adds timm's equivalent model (same sizes,
+tanh-GELU) trained with torch SGD in fp32 on the CPU, as a `timm` row.
+
+`--compile_only` rows (e.g. `ViT-L_16@224`) measure compile time and memory without running.
+`--data` measures the input pipeline's training-batch rate at the benchmark's batch and
+resolution on a folder of JPEG photographs written to a temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import jax_utils
+from flax.training import train_state
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from vit_jax import input_pipeline, models, optim, train  # noqa: E402
+
+# Model options per variant; every variant keeps the parameter tree and fp32 parameters.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "reference": {},
+    "xla_attn": {"attention_impl": "xla"},
+    "scan": {"scan": True},
+    "remat": {"remat_policy": "dots_with_no_batch_dims_saveable"},
+    "bf16": {"dtype": jnp.bfloat16},
+    "bf16_attn": {"dtype": jnp.bfloat16, "attention_impl": "auto"},
+    "bf16_remat": {"dtype": jnp.bfloat16, "remat_policy": "nothing_saveable"},
+    "bf16_scan_remat": {"dtype": jnp.bfloat16, "scan": True, "remat_policy": "nothing_saveable"},
+}
+# Dense bf16 peak FLOP/s per device, by substrings of `device_kind` (vendor data sheets).
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6": 918e12,
+}
+NUM_CLASSES = 1000
+
+
+@dataclasses.dataclass
+class Row:
+    model: str
+    variant: str
+    train_ips: float | None = None
+    infer_ips: float | None = None
+    compile_s: float | None = None
+    peak_mib: float | None = None
+    gflop_per_img: float | None = None
+    mfu: float | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurements.
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+    """Median wall time of `fn()` (which must block until its result is ready)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def build_model(name: str, variant: str):
+    return models.get_model(name, num_classes=NUM_CLASSES, **VARIANTS[variant])
+
+
+def train_step_fn(model):
+    """The project's pmap'd training step with the fine-tuning optimizer (SGD + momentum)."""
+    schedule = optim.learning_rate_schedule(
+        base_lr=0.03, total_steps=10_000, warmup_steps=500, decay_type="cosine", linear_end=0.0
+    )
+    tx = optim.make_optimizer("sgd", schedule, grad_clip_norm=1.0, momentum=0.9)
+    step = functools.partial(
+        train.train_step, schedule=schedule, loss_name="softmax_xent", accum_steps=1
+    )
+    return jax.pmap(step, axis_name="batch", donate_argnums=(0,)), tx
+
+
+def measure(
+    name: str, resolution: int, variant: str, batch: int, repeats: int, compile_only: bool
+) -> Row:
+    row = Row(f"{name}@{resolution}", variant)
+    model = build_model(name, variant)
+    devices = jax.local_device_count()
+    per_device = batch // devices
+    images = jnp.zeros((1, resolution, resolution, 3), jnp.float32)
+    params = jax.jit(lambda r: model.init(r, images, train=False)["params"])(jax.random.PRNGKey(0))
+    p_step, tx = train_step_fn(model)
+    state = jax_utils.replicate(
+        train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+    )
+    rng = jax_utils.replicate(jax.random.PRNGKey(1))
+    x = np.random.default_rng(0).uniform(-1, 1, (devices, per_device, resolution, resolution, 3))
+    labels = np.eye(NUM_CLASSES, dtype=np.float32)[np.arange(batch) % NUM_CLASSES]
+    train_batch = {
+        "image": jnp.asarray(x, jnp.float32),
+        "label": jnp.asarray(labels.reshape(devices, per_device, NUM_CLASSES)),
+    }
+
+    start = time.perf_counter()
+    compiled = p_step.lower(state, train_batch, rng).compile()
+    row.compile_s = time.perf_counter() - start
+    row.peak_mib = _peak_bytes(compiled) / 2**20
+    flops = _flops(compiled)
+    if flops:
+        row.gflop_per_img = flops / per_device / 1e9
+    if compile_only:
+        return row
+
+    holder = {"state": state}
+
+    def run_train():
+        holder["state"], metrics = compiled(holder["state"], train_batch, rng)
+        jax.block_until_ready(metrics)
+
+    seconds = median_seconds(run_train, repeats)
+    row.train_ips = batch / seconds
+    peak = _peak_flops()
+    if flops and peak:
+        row.mfu = flops * devices / seconds / (peak * devices)
+
+    host_params = jax.device_get(jax_utils.unreplicate(holder["state"]).params)
+    infer = jax.jit(lambda p, im: model.apply({"params": p}, im, train=False))
+    flat = jnp.asarray(x.reshape(-1, resolution, resolution, 3), jnp.float32)
+    row.infer_ips = batch / median_seconds(
+        lambda: jax.block_until_ready(infer(host_params, flat)), repeats
+    )
+    return row
+
+
+def measure_timm(name: str, resolution: int, batch: int, repeats: int) -> Row | None:
+    """timm's ViT of the same size, fp32, torch SGD + momentum; None when timm is unavailable."""
+    try:
+        torch, timm = _import_timm()
+    except ImportError:
+        return None
+    config = models.MODEL_CONFIGS[name]
+    if config.get("resnet") is not None or "Mixer" in name:
+        return None
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=resolution,
+        patch_size=config.patches.size[0],
+        embed_dim=config.hidden_size,
+        depth=config.transformer.num_layers,
+        num_heads=config.transformer.num_heads,
+        mlp_ratio=config.transformer.mlp_dim / config.hidden_size,
+        num_classes=NUM_CLASSES,
+        act_layer="gelu_tanh",
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9)
+    x = torch.rand(batch, 3, resolution, resolution) * 2 - 1
+    y = torch.arange(batch) % NUM_CLASSES
+
+    def run_train():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    row = Row(f"{name}@{resolution}", "timm (torch fp32)")
+    model.train()
+    row.train_ips = batch / median_seconds(run_train, repeats)
+    model.eval()
+
+    def run_infer():
+        with torch.inference_mode():
+            model(x)
+
+    row.infer_ips = batch / median_seconds(run_infer, repeats)
+    return row
+
+
+def measure_data(resolution: int, batch: int, steps: int) -> float:
+    """Training batches per second × batch of the input pipeline on a JPEG image folder."""
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as root:
+        rng = np.random.default_rng(0)
+        for split, count in (("train", 256), ("test", 8)):
+            for label in range(4):
+                folder = Path(root, split, f"class_{label}")
+                folder.mkdir(parents=True)
+                for i in range(count // 4):
+                    pixels = rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)
+                    Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
+        iterator = input_pipeline.get_train_iterator(
+            f"folder:{root}",
+            "train",
+            image_size=resolution,
+            global_batch_size=batch,
+            local_device_count=jax.local_device_count(),
+            seed=0,
+        )
+        next(iterator)
+        start = time.perf_counter()
+        for _ in range(steps):
+            next(iterator)
+        seconds = time.perf_counter() - start
+        del iterator  # stops its reader threads before the folder goes
+        return steps * batch / seconds
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers.
+
+
+def _peak_bytes(compiled) -> float:
+    stats = compiled.memory_analysis()
+    if isinstance(stats, Sequence):
+        stats = stats[0]
+    return (
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        + stats.temp_size_in_bytes
+        - stats.alias_size_in_bytes
+    )
+
+
+def _flops(compiled) -> float | None:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, Sequence):
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def _peak_flops() -> float | None:
+    kind = jax.devices()[0].device_kind
+    return next((peak for key, peak in PEAK_FLOPS.items() if key in kind), None)
+
+
+def _import_timm():
+    """timm and torch; loads the repo's torchvision shim for CPU-only torch installs."""
+    import importlib.util
+
+    shim_path = REPO / "tests" / "_torchvision_shim.py"
+    if shim_path.exists():
+        spec = importlib.util.spec_from_file_location("_torchvision_shim", shim_path)
+        shim = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(shim)
+        try:
+            shim.ensure_torchvision_importable()
+        except RuntimeError as e:
+            raise ImportError(str(e)) from e
+    import timm
+    import torch
+
+    return torch, timm
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _ratio(value: float | None, ref: float | None, invert: bool = False) -> str:
+    if value is None or not ref:
+        return ""
+    ratio = ref / value if invert else value / ref
+    return f" ({ratio:.2f}×)"
+
+
+def print_table(rows: list[Row]) -> None:
+    header = (
+        f"| {'model':<14} | {'variant':<18} | {'train img/s':>18} | {'infer img/s':>18} | "
+        f"{'compile s':>16} | {'peak MiB':>16} | {'GFLOP/img':>9} | {'MFU':>5} |"
+    )
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    refs = {r.model: r for r in rows if r.variant == "reference"}
+    for r in rows:
+        ref = refs.get(r.model, Row(r.model, ""))
+        print(
+            f"| {r.model:<14} | {r.variant:<18} | "
+            f"{_fmt(r.train_ips, '.1f') + _ratio(r.train_ips, ref.train_ips):>18} | "
+            f"{_fmt(r.infer_ips, '.1f') + _ratio(r.infer_ips, ref.infer_ips):>18} | "
+            f"{_fmt(r.compile_s, '.1f') + _ratio(r.compile_s, ref.compile_s):>16} | "
+            f"{_fmt(r.peak_mib, '.0f') + _ratio(r.peak_mib, ref.peak_mib):>16} | "
+            f"{_fmt(r.gflop_per_img, '.1f'):>9} | "
+            f"{_fmt(None if r.mfu is None else 100 * r.mfu, '.0f'):>5} |"
+        )
+
+
+def _parse_models(spec: str) -> list[tuple[str, int]]:
+    out = []
+    for item in filter(None, spec.split(",")):
+        name, _, res = item.partition("@")
+        out.append((name, int(res or 224)))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="ViT-Ti_16@224,ViT-B_16@224,ViT-B_16@384")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--compile_only", default="ViT-L_16@224", help="models: compile only")
+    parser.add_argument("--compile_variants", default="reference,scan,bf16_scan_remat")
+    parser.add_argument("--batch", type=int, default=0, help="global batch (0: 8 per device)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--timm", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--data", action=argparse.BooleanOptionalAction, default=False)
+    args = parser.parse_args(argv)
+    batch = args.batch or 8 * jax.local_device_count()
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; valid: {', '.join(VARIANTS)}")
+    device = jax.devices()[0]
+    print(
+        f"# {time.strftime('%Y-%m-%d')} jax {jax.__version__}, {jax.local_device_count()}× "
+        f"{device.device_kind} ({device.platform}), global batch {batch}, median of "
+        f"{args.repeats}\n"
+    )
+    rows = []
+    for name, res in _parse_models(args.models):
+        for variant in variants:
+            rows.append(measure(name, res, variant, batch, args.repeats, compile_only=False))
+            print(f"  measured {name}@{res} {variant}", file=sys.stderr)
+        if args.timm and jax.devices()[0].platform == "cpu":
+            timm_row = measure_timm(name, res, batch, args.repeats)
+            if timm_row:
+                rows.append(timm_row)
+    compile_rows = []
+    for name, res in _parse_models(args.compile_only):
+        for variant in args.compile_variants.split(","):
+            compile_rows.append(measure(name, res, variant, batch, args.repeats, compile_only=True))
+            print(f"  compiled {name}@{res} {variant}", file=sys.stderr)
+    print_table(rows)
+    if compile_rows:
+        print()
+        print_table(compile_rows)
+    if args.data:
+        for name, res in _parse_models(args.models):
+            train_ips = max(
+                (r.train_ips or 0 for r in rows if r.model == f"{name}@{res}"), default=0
+            )
+            data_ips = measure_data(res, batch, steps=10)
+            print(
+                f"\ninput pipeline @{res}px, batch {batch}: {data_ips:.1f} img/s "
+                f"(fastest train step {train_ips:.1f} img/s)"
+            )
+
+
+if __name__ == "__main__":
+    main()

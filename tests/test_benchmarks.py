@@ -1,0 +1,43 @@
+"""Tests for vit_jax/inference_time.py and benchmarks/benchmark.py: they measure what they say.
+
+Speed itself is not asserted here (that is what the benchmark prints); these tests check the
+step counts, the memory/FLOP figures and the ratios' arithmetic on the tiny 'testing' model.
+"""
+
+import jax
+import pytest
+
+from benchmarks import benchmark
+from vit_jax import inference_time
+
+
+def test_inference_time_runs_the_requested_number_of_steps(monkeypatch):
+    calls = []
+    real = jax.block_until_ready
+    monkeypatch.setattr(jax, "block_until_ready", lambda x: calls.append(1) or real(x))
+    ips = inference_time.images_per_second("testing", 16, batch=2, steps=4)
+    assert len(calls) == 1 + 4  # one warm-up call, then every requested step
+    assert ips > 0
+
+
+def test_inference_time_rejects_non_positive_steps():
+    with pytest.raises(ValueError, match="steps=0"):
+        inference_time.images_per_second("testing", 16, batch=2, steps=0)
+
+
+def test_benchmark_row_reports_memory_and_flops():
+    ref = benchmark.measure("testing", 16, "reference", batch=8, repeats=1, compile_only=True)
+    scan = benchmark.measure("testing", 16, "scan", batch=8, repeats=1, compile_only=True)
+    assert ref.peak_mib > 0 and ref.compile_s > 0 and ref.train_ips is None
+    # The same model does the same arithmetic whether its blocks are scanned or unrolled.
+    assert scan.gflop_per_img == pytest.approx(ref.gflop_per_img, rel=0.05)
+
+
+def test_benchmark_table_prints_ratios_against_the_reference(capsys):
+    rows = [
+        benchmark.Row("m@224", "reference", train_ips=10.0, peak_mib=100.0),
+        benchmark.Row("m@224", "fast", train_ips=15.0, peak_mib=40.0),
+    ]
+    benchmark.print_table(rows)
+    out = capsys.readouterr().out
+    assert "15.0 (1.50×)" in out and "40 (0.40×)" in out
