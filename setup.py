@@ -1,5 +1,7 @@
 """Installs the vit_jax package (the model zoo, checkpoint format, data and training code)."""
 
+import pathlib
+
 from setuptools import find_packages, setup
 
 # Lower bounds are the versions this project was developed and tested with.
@@ -21,17 +23,25 @@ INSTALL_REQUIRES = [
     "absl-py>=2.5",
 ]
 
+# What colab/*.ipynb needs beyond the package: a kernel and plots.
+NOTEBOOK = ["ipykernel>=7.4.0", "matplotlib>=3.11.2"]
+
 setup(
     name="vit_jax",
     version="0.1.0",
-    description="Vision Transformer and MLP-Mixer in JAX/Flax, compatible with the released checkpoints.",
-    long_description=open("README.md", encoding="utf-8").read(),
+    description=(
+        "Vision Transformer and MLP-Mixer in JAX/Flax, compatible with the released checkpoints."
+    ),
+    long_description=pathlib.Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["vit_jax", "vit_jax.*"]),
+    # `configs` (the run configs; `configs.default` is the command line's default) ships too.
+    packages=find_packages(include=["vit_jax", "vit_jax.*", "configs", "configs.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=9.0", "ruff>=0.17"],
+        # The notebook test runs colab/*.ipynb headlessly, so it needs the notebook extra too.
+        "test": ["pytest>=9.0", "ruff>=0.17", *NOTEBOOK, "nbclient>=0.11.0", "nbformat>=5.11.1"],
+        "notebook": NOTEBOOK,
         # An independent reader of the released format, for the interop tests (CPU torch).
         "interop": ["torch==2.13.0", "torchvision==0.28.0", "timm==1.0.31"],
     },

@@ -28,37 +28,41 @@ def _model() -> ml_collections.ConfigDict:
     )
 
 
-def _pretrain() -> ml_collections.ConfigDict:
+def _phase(**fields) -> ml_collections.ConfigDict:
+    """`common.get_config()` on the digits with the shared model and batch, plus `fields`."""
     c = common.get_config()
     c.dataset = "sklearn_digits"
-    c.image_size = 16
     c.model = _model()
     c.batch_size = 128
-    c.optimizer = "adamw"
-    c.base_lr = 3e-3
-    c.weight_decay = 0.03
-    c.total_steps = 4000
-    c.warmup_steps = 100
-    c.decay_type = "linear"
-    c.linear_end = 1e-5
-    c.log_every = 1000
+    c.update(fields)  # locked: a key common.get_config() does not declare fails
     return c
+
+
+def _pretrain() -> ml_collections.ConfigDict:
+    return _phase(
+        image_size=16,
+        optimizer="adamw",
+        base_lr=3e-3,
+        weight_decay=0.03,
+        total_steps=4000,
+        warmup_steps=100,
+        decay_type="linear",
+        linear_end=1e-5,
+        log_every=1000,
+    )
 
 
 def _finetune() -> ml_collections.ConfigDict:
-    c = common.get_config()
-    c.dataset = "sklearn_digits"
-    c.image_size = 32
-    c.model = _model()
-    c.batch_size = 128
-    c.optimizer = "sgd"
-    c.base_lr = 0.1
-    c.total_steps = 400
-    c.warmup_steps = 40
-    c.decay_type = "cosine"
-    c.log_every = 100
-    c.pretrained = "phase:pretrain"
-    return c
+    return _phase(
+        image_size=32,
+        optimizer="sgd",
+        base_lr=0.1,
+        total_steps=400,
+        warmup_steps=40,
+        decay_type="cosine",
+        log_every=100,
+        pretrained="phase:pretrain",
+    )
 
 
 def get_config() -> ml_collections.ConfigDict:
