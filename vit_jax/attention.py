@@ -160,8 +160,7 @@ def save_overlay(
 # Command line.
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m vit_jax.attention`: the rollout map of one image written as a PNG."""
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m vit_jax.attention",
         description="Attention-rollout map of one image, over the image, as a PNG.",
@@ -175,7 +174,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--alpha", type=float, default=0.6, help="Opacity of the map.")
     parser.add_argument("image", metavar="IMAGE", help="Image file.")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m vit_jax.attention`: the rollout map of one image written as a PNG."""
+    args = build_parser().parse_args(argv)
     try:
         model, params, size = predict.load_for_prediction(
             args.checkpoint, args.model, image_size=args.image_size, **args.overrides
