@@ -57,21 +57,24 @@ def test_train_and_evaluate_returns_state_and_writes_params(tmp_path):
     assert metrics["count"] == DIGITS_TEST
 
 
-def _sgd_state_and_step(accum_steps):
+def _sgd_state_and_step(accum_steps, mixup_alpha=0.0):
     config = tiny_config(optimizer="sgd", momentum=0.0, grad_clip_norm=0.0, base_lr=0.5)
-    config.accum_steps = accum_steps
-    config.warmup_steps = 0
+    config.update(accum_steps=accum_steps, warmup_steps=0, mixup_alpha=mixup_alpha)
     model = train.make_model(config, num_classes=10)
     schedule = train.make_schedule(config)
     state = train.create_state(config, model, schedule)
     return jax_utils.replicate(state), train.make_train_step(config, schedule)
 
 
-def test_gradient_accumulation_gives_the_same_sgd_update():
-    rng = np.random.default_rng(0)
+def _random_batch(seed=0):
+    rng = np.random.default_rng(seed)
     images = rng.uniform(-1, 1, (8, 8, 8, 8, 3)).astype(np.float32)  # 8 devices × 8 examples
     labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, (8, 8))]
-    batch = {"image": images, "label": labels}
+    return {"image": images, "label": labels}
+
+
+def test_gradient_accumulation_gives_the_same_sgd_update():
+    batch = _random_batch()
     key = jax_utils.replicate(jax.random.PRNGKey(0))
     results = {}
     for k in (1, 4):
@@ -87,6 +90,41 @@ def test_gradient_accumulation_gives_the_same_sgd_update():
     np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5)
     np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
     np.testing.assert_allclose(m1["lr"][0], 0.5 * 0.5 * (1 + np.cos(np.pi / 3)), rtol=1e-6)
+
+
+def test_mixup_mixes_images_and_labels_with_one_lambda():
+    batch = _random_batch()
+    images, labels = batch["image"][0], batch["label"][0]
+    key = jax.random.PRNGKey(3)
+    mixed_images, mixed_labels = train.mixup(images, labels, key, 0.4)
+    lam = float(jax.random.beta(key, 0.4, 0.4))
+    assert 0.0 < lam < 1.0 and not np.isclose(lam, 0.5)
+    np.testing.assert_allclose(mixed_images, lam * images + (1 - lam) * images[::-1], rtol=1e-6)
+    np.testing.assert_allclose(mixed_labels, lam * labels + (1 - lam) * labels[::-1], rtol=1e-6)
+    np.testing.assert_allclose(mixed_labels.sum(axis=-1), 1.0, rtol=1e-6)  # still distributions
+    assert mixed_labels.dtype == labels.dtype
+
+
+def test_mixup_changes_the_step_and_alpha_zero_is_the_plain_step():
+    batch = _random_batch()
+    key = jax_utils.replicate(jax.random.PRNGKey(0))
+    noise = np.random.default_rng(1)  # the zero-initialised head alone would give loss log(10)
+    losses = {}
+    for alpha in (0.0, 0.4):
+        state, step = _sgd_state_and_step(1, mixup_alpha=alpha)
+        if alpha == 0.0:
+            params = jax.tree.map(
+                lambda p: p + 0.3 * noise.standard_normal(p.shape, np.float32),
+                jax_utils.unreplicate(state.params),
+            )
+        _, metrics = step(state.replace(params=jax_utils.replicate(params)), batch, key)
+        losses[alpha] = float(metrics["loss"][0])
+    # alpha=0: the loss of the un-mixed batch (no dropout in tiny_config), as before mixup existed.
+    apply = jax.jit(functools.partial(state.apply_fn, train=False))
+    logits = apply({"params": params}, batch["image"].reshape(64, 8, 8, 3))
+    plain = train.compute_loss(logits, batch["label"].reshape(64, 10), "softmax_xent").mean()
+    np.testing.assert_allclose(losses[0.0], plain, rtol=1e-5)
+    assert abs(losses[0.4] - losses[0.0]) > 1e-3
 
 
 def test_micro_batches_get_distinct_dropout_keys():
@@ -144,11 +182,15 @@ def test_nan_loss_stops_with_the_step(tmp_path, monkeypatch):
     assert not (tmp_path / "params.npz").exists()
 
 
-def test_nan_guard_names_the_first_bad_step():
-    ok = {"loss": np.array([1.0]), "lr": np.array([0.1])}
-    bad = {"loss": np.array([np.inf]), "lr": np.array([0.1])}
-    with pytest.raises(FloatingPointError, match="step 6"):
-        train._log_train([ok, bad, ok], first_step=5, batch_size=8, seconds=1.0)
+def test_nan_guard_names_the_first_bad_step_and_quantity():
+    ok = {"loss": 1.0, "lr": 0.1, "grad_norm": 1.0, "param_norm": 3.0}
+    bad_loss = {**ok, "loss": np.inf}
+    bad_grads = {**ok, "grad_norm": np.nan}  # finite loss, but the new params would not be
+    with pytest.raises(FloatingPointError, match="training loss inf at step 6"):
+        train._check_finite([ok, bad_loss, ok], first_step=5)
+    with pytest.raises(FloatingPointError, match="training grad_norm nan at step 7"):
+        train._check_finite([ok, ok, bad_grads], first_step=5)
+    train._check_finite([ok, ok], first_step=1)
 
 
 @pytest.mark.parametrize(
@@ -164,6 +206,9 @@ def test_nan_guard_names_the_first_bad_step():
         ({"total_steps": 5, "warmup_steps": 5}, "must be larger than warmup_steps"),
         ({"base_lr": -1.0}, "must be ≥ 0"),
         ({"label_smoothing": 0.1, "loss": "sigmoid_xent"}, "softmax_xent' only"),
+        ({"mixup_alpha": -0.2}, r"mixup_alpha must be ≥ 0 \(0 = no mixup\), got -0.2"),
+        ({"checkpoint_every": -1}, r"checkpoint_every must be ≥ 0 \(0 = only at the end\)"),
+        ({"keep_checkpoints": 0}, "keep_checkpoints must be > 0, got 0"),
     ],
 )
 def test_config_errors_are_clear(overrides, message):

@@ -1,19 +1,34 @@
 """The training loop: `train_and_evaluate(config, workdir)` and its pmap'd train and eval steps.
 
-This module owns config validation, the update step (loss, gradient accumulation, cross-device
-mean, optax update), evaluation that counts every test example once, fine-tuning from a
-released-format `.npz` and writing the final params as `<workdir>/params.npz`. It reads the
-config here and passes plain arguments to `input_pipeline`, `optim`, `models` and `checkpoint`.
-Multi-phase runs (pretrain → fine-tune) are `train_phases`.
+This module owns config validation, the update step (loss, mixup, gradient accumulation,
+cross-device mean, optax update), evaluation that counts every test example once, fine-tuning
+from a released-format `.npz`, resumable checkpoints, metrics and the final params as
+`<workdir>/params.npz`. It reads the config here and passes plain arguments to
+`input_pipeline`, `optim`, `models` and `checkpoint`. Multi-phase runs (pretrain → fine-tune) are
+`train_phases`.
+
+What a run leaves in its workdir:
+- `checkpoints/<step>/`: resumable state (params, optimizer state, step, rng, data position),
+  written by orbax into a temporary directory that is renamed when complete; the last
+  `keep_checkpoints` are kept. A run restarted with the same workdir resumes from the latest
+  readable one (an unreadable one is moved to `checkpoints_unreadable/` with a warning).
+- TensorBoard event files (train loss, lr, grad/param norm, img/s/core, steps/s, eval
+  accuracy/top-5/loss, the hyper-parameters once) and `train.log` (the run's log lines).
+- `params.npz`: the final params in the released format.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import math
 import os
+import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -21,6 +36,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
+from clu import metric_writers, periodic_actions
 from flax import jax_utils
 from flax.training import train_state
 
@@ -31,11 +48,36 @@ OPTIM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 EVAL_CROPS = ("resize", "resize_small_crop")
 PHASE_PREFIX = "phase:"  # `pretrained = 'phase:<name>'` = the params.npz of an earlier phase
 PARAMS_FILE = "params.npz"
+CHECKPOINT_DIR = "checkpoints"  # resumable checkpoints, one sub-directory per step
+UNREADABLE_DIR = "checkpoints_unreadable"  # where unreadable checkpoints are moved aside
+LOG_FILE = "train.log"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_FINITE_METRICS = ("loss", "grad_norm", "param_norm")  # all finite ⇒ the new state is finite
+_MIXUP_STREAM = 1  # fold_in constant separating the mixup key from the dropout key
 _TOP_K = 5
 _LOG = logging.getLogger(__name__)
 
 TrainState = train_state.TrainState
 Metrics = dict[str, float]
+
+
+class TrainingInterrupted(SystemExit):
+    """Raised after SIGTERM/SIGINT, once the checkpoint of the step in progress is written.
+
+    A `SystemExit` whose exit status is 128 + the signal number (143 for SIGTERM, 130 for
+    SIGINT), so the command line ends without a traceback or a final result; rerunning the same
+    command resumes from the checkpoint.
+    """
+
+    def __init__(self, signum: int, step: int, directory: str):
+        super().__init__(128 + signum)
+        self.signum, self.step, self.directory = signum, step, directory
+
+    def __str__(self) -> str:
+        return (
+            f"Training stopped by {signal.Signals(self.signum).name} after step {self.step}; "
+            f"its checkpoint is in {self.directory}. Rerun the same command to resume."
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -45,48 +87,29 @@ Metrics = dict[str, float]
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str
 ) -> tuple[TrainState, Metrics]:
-    """Trains `config` in `workdir`; returns the final (host) state and the final eval metrics."""
+    """Trains `config` in `workdir`; returns the final (host) state and the final eval metrics.
+
+    Resumes from the latest readable checkpoint in `<workdir>/checkpoints`; a run that already
+    reached `total_steps` is evaluated, not trained again. Raises `TrainingInterrupted` after
+    SIGTERM/SIGINT (a checkpoint is written first) and FloatingPointError naming the step when
+    the loss is not finite (no checkpoint holds non-finite values).
+    """
     validate_config(config, jax.device_count(), jax.local_device_count())
     os.makedirs(workdir, exist_ok=True)
-    info = input_pipeline.get_dataset_info(
-        config.dataset,
-        train_split=config.train_split,
-        test_split=config.test_split,
-        data_dir=config.data_dir or None,
-    )
-    model = make_model(config, info.num_classes)
-    schedule = make_schedule(config)
-    state = create_state(config, model, schedule)
-    p_train_step = make_train_step(config, schedule)
-    p_eval_step = make_eval_step(model, config.loss)
-    train_iter = input_pipeline.prefetch_to_device(_train_batches(config))
-    eval_batches = _eval_batches(config)
-
-    rng = jax_utils.replicate(jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
-    pstate = jax_utils.replicate(state)
-    history: list[dict[str, jax.Array]] = []
-    eval_metrics: Metrics = {}
-    start = time.time()
-    for step in range(1, config.total_steps + 1):
-        pstate, metrics = p_train_step(pstate, next(train_iter), rng)
-        history.append(metrics)
-        last = step == config.total_steps
-        if last or step % config.log_every == 0:
-            _log_train(history, step - len(history) + 1, config.batch_size, time.time() - start)
-            history, start = [], time.time()
-        if last or (config.eval_every and step % config.eval_every == 0):
-            eval_metrics = evaluate(p_eval_step, pstate.params, eval_batches)
-            _LOG.info("step %d eval %s", step, _fmt(eval_metrics))
-    state = jax.device_get(jax_utils.unreplicate(pstate))
-    checkpoint.save(jax.device_get(state.params), os.path.join(workdir, PARAMS_FILE))
-    return state, eval_metrics
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_log_to_file(workdir))
+        writer = stack.enter_context(_metric_writer(workdir))
+        checkpoints = stack.enter_context(
+            Checkpoints(os.path.join(workdir, CHECKPOINT_DIR), config.keep_checkpoints)
+        )
+        return _run(config, workdir, writer, checkpoints)
 
 
 def train_phases(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Metrics]:
     """Runs each of `config.phases` (a sub-config each) in `<workdir>/<phase>`, in order.
 
     A phase whose `pretrained` is `'phase:<name>'` starts from that earlier phase's params.
-    Returns the final eval metrics per phase.
+    Returns the final eval metrics per phase. Completed phases are not trained again.
     """
     results = {}
     for name in config.phases:
@@ -129,11 +152,14 @@ def validate_config(
         raise ValueError("label_smoothing applies to loss='softmax_xent' only.")
     if not 0.0 <= config.label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {config.label_smoothing}.")
-    for key in ("total_steps", "log_every"):
+    if not (config.mixup_alpha >= 0.0 and math.isfinite(config.mixup_alpha)):
+        raise ValueError(f"mixup_alpha must be ≥ 0 (0 = no mixup), got {config.mixup_alpha}.")
+    for key in ("total_steps", "log_every", "keep_checkpoints"):
         if config[key] <= 0:
             raise ValueError(f"{key} must be > 0, got {config[key]}.")
-    if config.eval_every < 0:
-        raise ValueError(f"eval_every must be ≥ 0 (0 = only at the end), got {config.eval_every}.")
+    for key in ("eval_every", "checkpoint_every"):
+        if config[key] < 0:
+            raise ValueError(f"{key} must be ≥ 0 (0 = only at the end), got {config[key]}.")
     _check_patch_grid(config.model, config.image_size)
     make_schedule(config)  # checks lr, warmup and total steps
 
@@ -167,12 +193,17 @@ def make_optimizer(config: ml_collections.ConfigDict, schedule: optim.Schedule):
     )
 
 
-def create_state(config: ml_collections.ConfigDict, model, schedule) -> TrainState:
-    """Fresh (or `config.pretrained`) params and optimizer state, on the host."""
+def create_state(
+    config: ml_collections.ConfigDict, model, schedule, *, load_pretrained: bool = True
+) -> TrainState:
+    """Fresh (or `config.pretrained`) params and optimizer state, on the host.
+
+    `load_pretrained=False` skips reading `config.pretrained` (a resumed run overwrites them).
+    """
     dummy = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
     init = jax.jit(lambda rng: model.init(rng, dummy, train=False)["params"])
     params = init(jax.random.PRNGKey(config.seed))
-    if config.pretrained:
+    if config.pretrained and load_pretrained:
         params = checkpoint.load_pretrained(
             pretrained_path=_pretrained_file(config.pretrained),
             init_params=jax.device_get(params),
@@ -196,19 +227,26 @@ def train_step(
     loss_name: str,
     accum_steps: int,
     label_smoothing: float = 0.0,
+    mixup_alpha: float = 0.0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update on this device's batch: averaged micro-batch grads, mean over 'batch' devices.
 
-    Dropout keys differ per step, device and micro-batch. Metrics are identical on all devices.
+    Dropout keys differ per step, device and micro-batch. With `mixup_alpha > 0` each
+    micro-batch is mixed with itself reversed (`mixup`), its λ drawn from a key separate from the
+    dropout key. Metrics are identical on all devices.
     """
     rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index("batch"))
 
     def micro_grads(params, micro_batch, key):
-        def loss_fn(p):
-            logits = state.apply_fn(
-                {"params": p}, micro_batch["image"], train=True, rngs={"dropout": key}
+        images, labels = micro_batch["image"], micro_batch["label"]
+        if mixup_alpha > 0:
+            images, labels = mixup(
+                images, labels, jax.random.fold_in(key, _MIXUP_STREAM), mixup_alpha
             )
-            return compute_loss(logits, micro_batch["label"], loss_name, label_smoothing).mean()
+
+        def loss_fn(p):
+            logits = state.apply_fn({"params": p}, images, train=True, rngs={"dropout": key})
+            return compute_loss(logits, labels, loss_name, label_smoothing).mean()
 
         return jax.value_and_grad(loss_fn)(params)
 
@@ -223,6 +261,21 @@ def train_step(
         "param_norm": optax.tree.norm(new_state.params),
     }
     return new_state, metrics
+
+
+def mixup(
+    images: jax.Array, labels: jax.Array, key: jax.Array, alpha: float
+) -> tuple[jax.Array, jax.Array]:
+    """Mixes the batch with itself reversed: λ·x + (1-λ)·x[::-1], one λ ~ Beta(α, α).
+
+    Images and labels get the same λ, so one-hot labels stay distributions (sum 1).
+    """
+    lam = jax.random.beta(key, alpha, alpha).astype(images.dtype)
+
+    def mix(x):
+        return lam * x + (1.0 - lam) * jnp.flip(x, axis=0)
+
+    return mix(images), mix(labels).astype(labels.dtype)
 
 
 def accumulate_gradients(
@@ -288,6 +341,7 @@ def make_train_step(config: ml_collections.ConfigDict, schedule: optim.Schedule)
         loss_name=config.loss,
         accum_steps=config.accum_steps,
         label_smoothing=config.label_smoothing,
+        mixup_alpha=config.mixup_alpha,
     )
     return jax.pmap(step, axis_name="batch", donate_argnums=(0,))
 
@@ -314,10 +368,429 @@ def evaluate(p_eval_step, params, batches: Iterable) -> Metrics:
 
 
 # ----------------------------------------------------------------------------------------------
+# Resumable checkpoints.
+
+
+class Checkpoints:
+    """Resumable training checkpoints in `directory` (orbax, synchronous saves).
+
+    Each step directory holds `state` (params, opt_state, step, rng) and `meta` (JSON: step and
+    data_step, the `start_step` of the data stream). Orbax writes `<step>.orbax-checkpoint-tmp`
+    and renames it when complete, so a killed save never looks like a checkpoint; such leftovers
+    are removed with a warning when the directory is opened. Use as a context manager.
+    """
+
+    def __init__(self, directory: str, keep: int):
+        self.directory = os.path.abspath(directory)
+        if jax.process_index() == 0:
+            _remove_half_written(self.directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=False, create=True
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "meta")
+        )
+
+    def __enter__(self) -> Checkpoints:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._manager.close()  # waits for anything outstanding
+
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state: TrainState, rng: jax.Array) -> None:
+        """Writes the (unreplicated) `state` and `rng` of `step`; returns once it is on disk."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(_state_tree(state, rng)),
+            meta=ocp.args.JsonSave({"step": step, "data_step": step}),
+        )
+        self._manager.save(step, args=args, force=True)
+        self._manager.wait_until_finished()
+        _LOG.info("Checkpoint of step %d saved in %s.", step, self.directory)
+
+    def restore_latest(
+        self, state: TrainState, rng: jax.Array
+    ) -> tuple[TrainState, jax.Array, int]:
+        """(state, rng, data_step) of the latest readable checkpoint; `state`/`rng` give the tree.
+
+        A checkpoint that fails to restore, or restores non-finite or mis-shaped values, is
+        reported with a warning and the previous one is tried; once one restores, the unreadable
+        newer ones are moved to `<workdir>/checkpoints_unreadable/`. Raises RuntimeError when
+        none is readable (nothing is moved then).
+        """
+        target = _state_tree(state, rng)
+        failures = []
+        for step in reversed(self.steps()):
+            try:
+                tree, data_step = self._restore(step, target)
+            except Exception as e:  # orbax/tensorstore raise many types for damaged files
+                reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+                _LOG.warning(
+                    "Checkpoint of step %d in %s is unreadable (%s); trying the previous one.",
+                    step,
+                    self.directory,
+                    reason,
+                )
+                failures.append((step, reason))
+                continue
+            for bad, _ in failures:
+                self._move_aside(bad)
+            restored = state.replace(
+                step=tree["step"], params=tree["params"], opt_state=tree["opt_state"]
+            )
+            return restored, tree["rng"], data_step
+        listing = "; ".join(f"step {s}: {r}" for s, r in failures)
+        raise RuntimeError(
+            f"No checkpoint in {self.directory} can be restored for this config ({listing}). "
+            "If the config changed, use a new workdir; otherwise move the directory away to "
+            "start over."
+        )
+
+    def _restore(self, step: int, target: dict) -> tuple[dict, int]:
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+        )
+        restored = self._manager.restore(step, args=args)
+        tree, meta = restored["state"], restored["meta"]
+        if meta.get("step") != step or int(tree["step"]) != step:
+            raise ValueError(f"metadata says step {meta.get('step')}, state step {tree['step']}")
+        _check_same_layout(tree, target)
+        return tree, int(meta["data_step"])
+
+    def _move_aside(self, step: int) -> None:
+        if jax.process_index() != 0:
+            return
+        source = os.path.join(self.directory, str(step))
+        parent = os.path.join(os.path.dirname(self.directory), UNREADABLE_DIR)
+        os.makedirs(parent, exist_ok=True)
+        destination = os.path.join(parent, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(source, destination)
+        _LOG.warning("Unreadable checkpoint of step %d moved to %s.", step, destination)
+        self._manager.reload()
+
+
+def _remove_half_written(directory: str) -> None:
+    """Deletes `<step>.orbax-checkpoint-tmp*` left by a save that was killed, with a warning."""
+    if not os.path.isdir(directory):
+        return
+    for name in sorted(os.listdir(directory)):
+        if ocp.path.atomicity_types.TMP_DIR_SUFFIX in name:
+            path = os.path.join(directory, name)
+            _LOG.warning(
+                "Removing the half-written checkpoint %s (its save was interrupted).", path
+            )
+            shutil.rmtree(path)
+
+
+def _state_tree(state: TrainState, rng: jax.Array) -> dict[str, Any]:
+    """What a checkpoint holds, as host NumPy arrays (the step as int32)."""
+    tree = {"params": state.params, "opt_state": state.opt_state, "rng": rng}
+    tree = jax.tree.map(np.asarray, jax.device_get(tree))
+    tree["step"] = np.asarray(jax.device_get(state.step), np.int32)
+    return tree
+
+
+def _check_same_layout(restored: Any, target: Any) -> None:
+    """Raises ValueError if shapes/dtypes differ from `target` or a float value is not finite."""
+    for (path, got), want in zip(
+        jax.tree_util.tree_leaves_with_path(restored), jax.tree.leaves(target), strict=True
+    ):
+        name = jax.tree_util.keystr(path)
+        if got.shape != want.shape or got.dtype != want.dtype:
+            raise ValueError(
+                f"{name}: {got.dtype}{list(got.shape)} stored, {want.dtype}{list(want.shape)} "
+                "expected"
+            )
+        if jnp.issubdtype(got.dtype, jnp.inexact) and not np.isfinite(got.astype(np.float32)).all():
+            raise ValueError(f"{name} holds non-finite values")
+
+
+# ----------------------------------------------------------------------------------------------
+# The run: setup, resume, loop.
+
+
+def _run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    writer: metric_writers.MetricWriter,
+    checkpoints: Checkpoints,
+) -> tuple[TrainState, Metrics]:
+    info = input_pipeline.get_dataset_info(
+        config.dataset,
+        train_split=config.train_split,
+        test_split=config.test_split,
+        data_dir=config.data_dir or None,
+        manual_dir=config.manual_dir or None,
+    )
+    model = make_model(config, info.num_classes)
+    schedule = make_schedule(config)
+    resuming = bool(checkpoints.steps())
+    state = create_state(config, model, schedule, load_pretrained=not resuming)
+    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+    start_step = 0
+    if resuming:
+        state, rng, start_step = checkpoints.restore_latest(state, rng)
+        _LOG.info(
+            "Resuming from the checkpoint of step %d in %s.", start_step, checkpoints.directory
+        )
+    else:
+        writer.write_hparams(_flat_hparams(config))
+    if start_step > config.total_steps:
+        raise ValueError(
+            f"{checkpoints.directory} holds a checkpoint of step {start_step}, beyond "
+            f"total_steps={config.total_steps}; use a new workdir for a shorter run."
+        )
+
+    p_eval_step = make_eval_step(model, config.loss)
+    eval_batches = _eval_batches(config)
+
+    def run_eval(params, step: int) -> Metrics:
+        metrics = evaluate(p_eval_step, params, eval_batches)
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+        _LOG.info("step %d eval %s", step, _fmt(metrics))
+        return metrics
+
+    params_file = os.path.join(workdir, PARAMS_FILE)
+    if start_step < config.total_steps:
+        state = _train(config, state, rng, start_step, schedule, checkpoints, writer, run_eval)
+    else:
+        _LOG.info("Already trained to step %d (total_steps); evaluating only.", config.total_steps)
+    eval_metrics = run_eval(jax_utils.replicate(state.params), config.total_steps)
+    if start_step < config.total_steps or not os.path.exists(params_file):
+        checkpoint.save(jax.device_get(state.params), params_file)
+    return state, eval_metrics
+
+
+def _train(
+    config: ml_collections.ConfigDict,
+    state: TrainState,
+    rng: jax.Array,
+    start_step: int,
+    schedule: optim.Schedule,
+    checkpoints: Checkpoints,
+    writer: metric_writers.MetricWriter,
+    run_eval: Callable[[Any, int], Metrics],
+) -> TrainState:
+    """Steps `start_step + 1 … total_steps`; returns the final host state.
+
+    Order at a step boundary: log, checkpoint (after checking every step since the last check
+    is finite), stop on a signal, evaluate.
+    """
+    p_train_step = make_train_step(config, schedule)
+    batches = input_pipeline.prefetch_to_device(_train_batches(config, start_step))
+    pstate, prng = jax_utils.replicate(state), jax_utils.replicate(rng)
+    progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
+    train_metrics = _TrainMetrics(writer, checkpoints, start_step + 1, config.batch_size)
+    try:
+        with _StopSignals() as stop:
+            for step in range(start_step + 1, config.total_steps + 1):
+                pstate, metrics = p_train_step(pstate, next(batches), prng)
+                train_metrics.add(metrics)
+                progress(step)
+                last, stopping = step == config.total_steps, stop.signum is not None
+                if last or stopping or step % config.log_every == 0:
+                    train_metrics.write(step)
+                if last or stopping or _every(step, config.checkpoint_every):
+                    train_metrics.check_finite()  # every step up to this state
+                    checkpoints.save(
+                        step, jax_utils.unreplicate(pstate), jax_utils.unreplicate(prng)
+                    )
+                if stopping:
+                    interrupted = TrainingInterrupted(stop.signum, step, checkpoints.directory)
+                    _LOG.warning("%s", interrupted)
+                    raise interrupted
+                if not last and _every(step, config.eval_every):
+                    run_eval(pstate.params, step)
+    finally:
+        _close_train_batches(batches)
+    return jax.device_get(jax_utils.unreplicate(pstate))
+
+
+def _close_train_batches(batches) -> None:
+    """Stops the device prefetch and releases the tf.data iterator, saying so if it was slow.
+
+    TensorFlow's tf.data autotuning thread can hold the iterator's destructor for up to its
+    optimisation period (which grows to 60 s over a long run); this is the stall sometimes seen
+    at the end of a phase. Closing here, explicitly, at least makes it visible in the log.
+    """
+    start = time.monotonic()
+    batches.close()
+    seconds = time.monotonic() - start
+    if seconds > 1.0:
+        _LOG.info("Releasing the training data pipeline took %.1f s (tf.data teardown).", seconds)
+
+
+class _TrainMetrics:
+    """Per-step train metrics: fetched in batches, checked finite, written as window averages."""
+
+    def __init__(
+        self,
+        writer: metric_writers.MetricWriter,
+        checkpoints: Checkpoints,
+        first_step: int,
+        batch_size: int,
+    ):
+        self._writer = writer
+        self._checkpoints = checkpoints
+        self._batch_size = batch_size
+        self._pending: list[dict[str, jax.Array]] = []  # on device, not yet checked
+        self._next_step = first_step  # the step of _pending[0]
+        self._window: list[dict[str, float]] = []  # checked, since the last write
+        self._start = time.monotonic()
+
+    def add(self, metrics: dict[str, jax.Array]) -> None:
+        self._pending.append(metrics)
+
+    def check_finite(self) -> None:
+        """Fetches the pending steps; FloatingPointError naming the first non-finite one."""
+        if not self._pending:
+            return
+        values = [{k: float(v[0]) for k, v in m.items()} for m in jax.device_get(self._pending)]
+        try:
+            _check_finite(values, self._next_step)
+        except FloatingPointError as e:
+            steps = self._checkpoints.steps()
+            kept = f"step {steps[-1]}" if steps else "none yet"
+            raise FloatingPointError(
+                f"{e} No checkpoint was written after it; the latest ({kept}) in "
+                f"{self._checkpoints.directory} is intact."
+            ) from None
+        self._next_step += len(values)
+        self._window += values
+        self._pending = []
+
+    def write(self, step: int) -> None:
+        """Window means of loss and grad norm, the last lr and param norm, img/s per core."""
+        self.check_finite()
+        seconds = max(time.monotonic() - self._start, 1e-9)
+        images = len(self._window) * self._batch_size
+        scalars = {
+            "train/loss": float(np.mean([m["loss"] for m in self._window])),
+            "train/grad_norm": float(np.mean([m["grad_norm"] for m in self._window])),
+            "train/lr": self._window[-1]["lr"],
+            "train/param_norm": self._window[-1]["param_norm"],
+            "train/img_per_sec_per_core": images / seconds / jax.device_count(),
+        }
+        self._writer.write_scalars(step, scalars)
+        self._window, self._start = [], time.monotonic()
+
+
+def _check_finite(values: list[Mapping[str, float]], first_step: int) -> None:
+    """Raises FloatingPointError naming the first step whose loss/grad/param norm is not finite."""
+    for offset, metrics in enumerate(values):
+        for key in _FINITE_METRICS:
+            if key in metrics and not np.isfinite(metrics[key]):
+                raise FloatingPointError(
+                    f"Non-finite training {key} {metrics[key]} at step {first_step + offset}; "
+                    "lower base_lr, raise warmup_steps, or check the data."
+                )
+
+
+def _every(step: int, interval: int) -> bool:
+    return bool(interval) and step % interval == 0
+
+
+class _StopSignals:
+    """SIGTERM/SIGINT handlers that record the signal (`.signum`); the loop stops at a boundary.
+
+    Installed only in the main thread (Python allows no other); the previous handlers come back
+    on exit. A second SIGINT raises KeyboardInterrupt at once.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        del frame
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+
+# ----------------------------------------------------------------------------------------------
+# Logs and metric writers.
+
+
+@contextlib.contextmanager
+def _log_to_file(workdir: str) -> Iterator[None]:
+    """Copies the run's log lines (Python and absl, INFO and up) to `<workdir>/train.log`.
+
+    The `vit_jax` and `absl` loggers are lowered to INFO for the run if set higher; orbax's INFO
+    lines are left out of the file.
+    """
+    index = jax.process_index()
+    name = LOG_FILE if index == 0 else f"train.process{index}.log"
+    handler = logging.FileHandler(os.path.join(workdir, name))
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] %(message)s")
+    )
+    handler.addFilter(_not_orbax_chatter)
+    loggers = [logging.getLogger(n) for n in ("vit_jax", "absl")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        if lg.getEffectiveLevel() > logging.INFO:
+            lg.setLevel(logging.INFO)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _not_orbax_chatter(record: logging.LogRecord) -> bool:
+    """Keeps orbax's warnings but not its dozens of INFO lines per checkpoint (ours say enough)."""
+    return record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+@contextlib.contextmanager
+def _metric_writer(workdir: str) -> Iterator[metric_writers.MetricWriter]:
+    """clu's default writer: TensorBoard + log lines (log lines only off process 0)."""
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    try:
+        yield writer
+    finally:
+        writer.close()  # flushes pending (asynchronous) writes
+
+
+def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, bool | int | float | str]:
+    """The config as `{'a.b': value}`; values TensorBoard's hparams cannot hold become strings."""
+    flat = {}
+
+    def visit(prefix: str, node: Any) -> None:
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                visit(f"{prefix}{key}.", value)
+            return
+        scalar = isinstance(node, (bool, int, float, str))
+        flat[prefix[:-1]] = node if scalar else str(node)
+
+    visit("", config.to_dict())
+    return flat
+
+
+# ----------------------------------------------------------------------------------------------
 # Helpers.
 
 
-def _train_batches(config: ml_collections.ConfigDict):
+def _train_batches(config: ml_collections.ConfigDict, start_step: int = 0):
     return input_pipeline.get_train_iterator(
         config.dataset,
         config.train_split,
@@ -325,9 +798,11 @@ def _train_batches(config: ml_collections.ConfigDict):
         global_batch_size=config.batch_size,
         local_device_count=jax.local_device_count(),
         seed=config.seed,
+        start_step=start_step,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         data_dir=config.data_dir or None,
+        manual_dir=config.manual_dir or None,
         shuffle_buffer=config.shuffle_buffer,
         multi_hot=config.loss == "sigmoid_xent",
     )
@@ -346,22 +821,6 @@ def _eval_batches(config: ml_collections.ConfigDict):
         eval_crop=config.eval_crop,
         multi_hot=config.loss == "sigmoid_xent",
     )
-
-
-def _log_train(history: list, first_step: int, batch_size: int, seconds: float) -> None:
-    """Logs the last of `history`; raises if any step's loss was not finite."""
-    values = jax.device_get([jax.tree.map(lambda x: x[0], m) for m in history])
-    for offset, metrics in enumerate(values):
-        if not np.isfinite(metrics["loss"]):
-            step = first_step + offset
-            raise FloatingPointError(
-                f"Non-finite training loss {metrics['loss']} at step {step}; lower base_lr, "
-                "check the data, or raise warmup_steps."
-            )
-    step = first_step + len(values) - 1
-    img_per_s = len(values) * batch_size / max(seconds, 1e-9)
-    shown = {k: float(v) for k, v in values[-1].items()}
-    _LOG.info("step %d %s img/s=%.1f", step, _fmt(shown), img_per_s)
 
 
 def _fmt(metrics: Mapping[str, float]) -> str:

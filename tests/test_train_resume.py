@@ -1,0 +1,313 @@
+"""Checkpoints, resume, interruption, NaN guard and metrics of `train.train_and_evaluate`.
+
+In-process runs use the 8 fake CPU devices of conftest.py. The kill tests run the command line
+(`python -m vit_jax.main`) in subprocesses on 2 fake devices, interrupt them for real (SIGKILL,
+SIGTERM) and compare the resumed run's params.npz bit for bit with an uninterrupted run.
+"""
+
+import functools
+import glob
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.test_train import tiny_config
+from vit_jax import checkpoint, train
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_STEPS = 4  # in-process run: checkpoints at 2 and 4, eval at 2 and 4
+_HPARAMS_TAG = "_hparams_/session_start_info"  # what clu's write_hparams writes
+
+
+def _same_params(a, b) -> bool:
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(leaves_a) == len(leaves_b) and all(
+        np.array_equal(x, y) for x, y in zip(leaves_a, leaves_b, strict=True)
+    )
+
+
+def _event_tags(workdir) -> dict[str, list[int]]:
+    """{tag: [step, ...]} over the TensorBoard event files in `workdir`."""
+    tags = {}
+    for path in sorted(glob.glob(str(workdir / "events.out.tfevents.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append(event.step)
+    return tags
+
+
+def _steps(workdir) -> list[int]:
+    names = os.listdir(os.path.join(workdir, train.CHECKPOINT_DIR))
+    return sorted(int(n) for n in names if n.isdigit())
+
+
+def _small_run_config(**overrides):
+    return tiny_config(
+        total_steps=TINY_STEPS, checkpoint_every=2, keep_checkpoints=3, eval_every=2, **overrides
+    )
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A completed in-process run: (workdir, final state, eval metrics)."""
+    workdir = tmp_path_factory.mktemp("finished")
+    handlers = {s: signal.getsignal(s) for s in train.STOP_SIGNALS}
+    state, metrics = train.train_and_evaluate(_small_run_config(), str(workdir))
+    assert {s: signal.getsignal(s) for s in train.STOP_SIGNALS} == handlers  # restored
+    return workdir, jax.device_get(state), metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# In-process: layout, metrics, rerun, corruption, NaN.
+
+
+def test_finished_run_leaves_checkpoints_events_and_log(finished_run):
+    workdir, state, metrics = finished_run
+    assert _steps(workdir) == [2, 4]
+    assert not glob.glob(str(workdir / train.CHECKPOINT_DIR / "*tmp*"))  # nothing half-written
+    assert _same_params(checkpoint.load(workdir / train.PARAMS_FILE), state.params)
+    assert metrics["count"] == 360
+
+    tags = _event_tags(workdir)
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/img_per_sec_per_core"):
+        assert tags[tag] == [1, 2, 3, 4], tag  # log_every=1
+    for tag in ("eval/accuracy", "eval/accuracy_top5", "eval/loss"):
+        assert tags[tag] == [2, 4], tag
+    assert "steps_per_sec" in tags
+    assert len(tags[_HPARAMS_TAG]) == 1
+
+    log = (workdir / train.LOG_FILE).read_text()
+    assert re.search(r"step 4 eval accuracy=[\d.]+ accuracy_top5=", log)
+    assert "Checkpoint of step 4 saved" in log
+    assert "[Hyperparameters]" in log
+    assert "Finished saving checkpoint" not in log  # orbax's INFO chatter is left out
+
+
+def test_rerun_of_a_finished_run_does_not_train(finished_run, tmp_path, monkeypatch):
+    workdir, state, metrics = finished_run
+    rerun_dir = tmp_path / "rerun"
+    shutil.copytree(workdir, rerun_dir)
+    os.remove(rerun_dir / train.PARAMS_FILE)  # killed between the last checkpoint and the npz
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run must not train again")
+
+    monkeypatch.setattr(train, "make_train_step", no_training)
+    again_state, again_metrics = train.train_and_evaluate(_small_run_config(), str(rerun_dir))
+    assert int(again_state.step) == TINY_STEPS
+    assert _same_params(again_state.params, state.params)
+    assert _same_params(checkpoint.load(rerun_dir / train.PARAMS_FILE), state.params)
+    assert again_metrics == metrics
+    assert _steps(rerun_dir) == [2, 4]
+    assert "Already trained to step 4" in (rerun_dir / train.LOG_FILE).read_text()
+
+
+# Orbax's reads of the damaged files still in flight when its restore fails complete on a closed
+# asyncio loop; Python reports them as unraisable exceptions. They are harmless.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_corrupted_latest_checkpoint_falls_back_to_the_previous(finished_run, tmp_path, caplog):
+    workdir, state, _ = finished_run
+    resume_dir = tmp_path / "resume"
+    shutil.copytree(workdir, resume_dir)
+    os.remove(resume_dir / train.PARAMS_FILE)
+    checkpoints = resume_dir / train.CHECKPOINT_DIR
+    for data_file in glob.glob(str(checkpoints / "4" / "state" / "**" / "d" / "*"), recursive=True):
+        with open(data_file, "r+b") as f:  # every array data file of step 4 cut in half
+            f.truncate(os.path.getsize(data_file) // 2)
+    (checkpoints / "6.orbax-checkpoint-tmp").mkdir()  # a save killed half-way
+
+    with caplog.at_level(logging.INFO, logger="vit_jax.train"):
+        resumed, _ = train.train_and_evaluate(_small_run_config(), str(resume_dir))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("Checkpoint of step 4" in w and "unreadable" in w for w in warnings)
+    assert any("half-written" in w and "6.orbax-checkpoint-tmp" in w for w in warnings)
+    assert "Resuming from the checkpoint of step 2" in (resume_dir / train.LOG_FILE).read_text()
+    assert _same_params(resumed.params, state.params)  # steps 3-4 redone identically
+    assert _steps(resume_dir) == [2, 4]
+    assert os.listdir(resume_dir / train.UNREADABLE_DIR)[0].startswith("4-")
+    tags = _event_tags(resume_dir)
+    assert len(tags[_HPARAMS_TAG]) == 1  # written by the first run only
+    assert tags["train/loss"] == [1, 2, 3, 4, 3, 4]  # the resumed run logged steps 3 and 4 again
+
+
+def test_unrestorable_checkpoints_stop_with_a_clear_error(finished_run, tmp_path):
+    workdir, _, _ = finished_run
+    other_dir = tmp_path / "other"
+    shutil.copytree(workdir, other_dir)
+    config = _small_run_config()
+    config.model.hidden_size = 12  # the saved params do not fit this model
+    with pytest.raises(RuntimeError, match=r"No checkpoint in .* can be restored.*step 4.*step 2"):
+        train.train_and_evaluate(config, str(other_dir))
+    assert _steps(other_dir) == [2, 4]  # nothing moved or deleted
+
+
+def test_nan_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = tiny_config(
+        optimizer="sgd", momentum=0.0, grad_clip_norm=0.0, base_lr=1e5, total_steps=8
+    )
+    config.update(warmup_steps=1, checkpoint_every=1, keep_checkpoints=2)
+    with pytest.raises(FloatingPointError, match=r"loss nan at step 3.*latest \(step 2\)"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert _steps(tmp_path) == [1, 2]
+    restored, _, data_step = _restore_latest(config, tmp_path)
+    assert data_step == 2 and int(restored.step) == 2
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(restored.params))
+    assert not (tmp_path / train.PARAMS_FILE).exists()
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_readable(tmp_path, monkeypatch):
+    """Orbax writes into `<step>.orbax-checkpoint-tmp` and renames it only when complete."""
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler
+
+    config = tiny_config()
+    state = train.create_state(config, train.make_model(config, 10), train.make_schedule(config))
+    rng = jax.random.PRNGKey(0)
+    directory = str(tmp_path / train.CHECKPOINT_DIR)
+    with train.Checkpoints(directory, keep=2) as checkpoints:
+        checkpoints.save(1, state.replace(step=1), rng)
+
+        async def disk_full(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "async_save", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            checkpoints.save(2, state.replace(step=2), rng)
+        monkeypatch.undo()
+    assert sorted(os.listdir(directory)) == ["1", "2.orbax-checkpoint-tmp"]
+    with train.Checkpoints(directory, keep=2) as checkpoints:  # removes the leftover
+        assert os.listdir(directory) == ["1"]
+        restored, _, data_step = checkpoints.restore_latest(state, rng)
+    assert data_step == 1 and int(restored.step) == 1
+    assert _same_params(restored.params, state.params)
+
+
+def _restore_latest(config, workdir):
+    model = train.make_model(config, num_classes=10)
+    schedule = train.make_schedule(config)
+    state = train.create_state(config, model, schedule)
+    with train.Checkpoints(os.path.join(workdir, train.CHECKPOINT_DIR), 2) as checkpoints:
+        return checkpoints.restore_latest(state, jax.random.PRNGKey(0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Subprocesses: real SIGKILL and SIGTERM, then the same command again.
+
+_KILL_CONFIG = """
+    from configs import common
+
+
+    def get_config():
+        c = common.get_config()
+        c.model = common.model_config(
+            "testing", patches={"size": (4, 4)}, transformer={"dropout_rate": 0.1}
+        )
+        c.update(image_size=8, batch_size=8, optimizer="adam", base_lr=1e-3, mixup_alpha=0.2)
+        c.update(total_steps=200, warmup_steps=5, log_every=10, shuffle_buffer=100)
+        c.update(checkpoint_every=20, keep_checkpoints=2)
+        return c
+"""
+
+
+class _Command:
+    """`python -m vit_jax.main` on the tiny config in `workdir`, on 2 fake devices.
+
+    Output goes to `<workdir>.out` / `.err` (a pipe nobody reads would fill and block the run).
+    """
+
+    def __init__(self, tmp_path: Path, workdir: Path):
+        config_file = tmp_path / "tiny_config.py"
+        config_file.write_text(textwrap.dedent(_KILL_CONFIG))
+        self.workdir = workdir
+        self.args = [sys.executable, "-m", "vit_jax.main", f"--config={config_file}"]
+        self.args.append(f"--workdir={workdir}")
+        self.env = {
+            **os.environ,
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        }
+        self.stdout, self.stderr = workdir.with_suffix(".out"), workdir.with_suffix(".err")
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.stdout, "w") as stdout, open(self.stderr, "w") as stderr:
+            self.process = subprocess.Popen(self.args, env=self.env, stdout=stdout, stderr=stderr)
+
+    def wait(self) -> int:
+        """The exit status; stdout and stderr are in `self.stdout` / `self.stderr`."""
+        assert self.process is not None
+        return self.process.wait(timeout=240)
+
+    def run(self) -> int:
+        self.start()
+        return self.wait()
+
+    def signal_after(self, step: int, signum: int) -> int:
+        """Starts the command, sends `signum` once the checkpoint of `step` is complete."""
+        self.start()
+        ready = self.workdir / train.CHECKPOINT_DIR / str(step)
+        deadline = time.monotonic() + 180
+        while not ready.exists() and self.process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        self.process.send_signal(signum)
+        returncode = self.wait()
+        assert ready.exists(), self.stderr.read_text()[-3000:]
+        return returncode
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """params.npz of the tiny command run without interruption (it runs alongside the tests)."""
+    tmp_path = tmp_path_factory.mktemp("uninterrupted")
+    command = _Command(tmp_path, tmp_path / "work")
+    command.start()
+
+    @functools.cache
+    def params():
+        assert command.wait() == 0, command.stderr.read_text()[-3000:]
+        assert "final test accuracy" in command.stdout.read_text()
+        return checkpoint.load(command.workdir / train.PARAMS_FILE)
+
+    yield params
+    if command.process.poll() is None:
+        command.process.kill()
+        command.process.wait()
+
+
+def test_sigkill_then_rerun_matches_an_uninterrupted_run(uninterrupted, tmp_path):
+    command = _Command(tmp_path, tmp_path / "work")
+    returncode = command.signal_after(20, signal.SIGKILL)
+    assert returncode == -signal.SIGKILL, command.stderr.read_text()[-3000:]
+    assert not (command.workdir / train.PARAMS_FILE).exists()
+    assert command.run() == 0, command.stderr.read_text()[-3000:]
+    log = command.stderr.read_text()
+    resumed_from = re.search(r"Resuming from the checkpoint of step (\d+)", log)
+    assert resumed_from and 20 <= int(resumed_from.group(1)) < 200
+    assert _same_params(checkpoint.load(command.workdir / train.PARAMS_FILE), uninterrupted())
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_from_it(uninterrupted, tmp_path):
+    command = _Command(tmp_path, tmp_path / "work")
+    returncode = command.signal_after(20, signal.SIGTERM)
+    assert returncode == 128 + signal.SIGTERM, command.stderr.read_text()[-3000:]
+    assert "final test accuracy" not in command.stdout.read_text()
+    log = (command.workdir / train.LOG_FILE).read_text()
+    match = re.search(r"Training stopped by SIGTERM after step (\d+); its checkpoint is in", log)
+    assert match, log[-3000:]
+    step = int(match.group(1))
+    assert 20 < step < 200 and _steps(command.workdir)[-1] == step
+
+    assert command.run() == 0, command.stderr.read_text()[-3000:]
+    assert f"Resuming from the checkpoint of step {step} " in command.stderr.read_text()
+    assert _same_params(checkpoint.load(command.workdir / train.PARAMS_FILE), uninterrupted())
