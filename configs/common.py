@@ -38,6 +38,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.shuffle_buffer = 10_000  # training shuffle buffer (examples)
     # Model: zoo name plus constructor overrides (num_classes comes from the dataset).
     c.model = model_config("testing")  # constructor arguments of the zoo model
+    # Speed and memory: same parameters (params.npz is always the released layout) and the same
+    # fp32 numbers; Mixer models take compute_dtype only.
+    c.compute_dtype = "float32"  # 'float32' or 'bfloat16' compute; params and logits stay float32
+    c.attention_impl = "flax"  # 'flax' (the original) or fused 'auto'/'xla'/'cudnn' (no attn drop)
+    c.remat_policy = ""  # '' (none) or a jax.checkpoint_policies name, e.g. 'nothing_saveable'
+    c.scan_layers = False  # nn.scan over the encoder blocks: one compiled block, faster compile
     # Optimisation.
     c.batch_size = 512  # global batch over all devices and processes
     c.accum_steps = 1  # micro-batches per device batch; their gradients are averaged

@@ -169,7 +169,7 @@ def test_nan_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_a_failed_save_leaves_the_previous_checkpoint_readable(tmp_path, monkeypatch):
     """Orbax writes into `<step>.orbax-checkpoint-tmp` and renames it only when complete."""
-    from orbax.checkpoint._src.handlers import json_checkpoint_handler
+    from orbax.checkpoint._src.path import atomicity
 
     config = tiny_config()
     state = train.create_state(config, train.make_model(config, 10), train.make_schedule(config))
@@ -178,10 +178,10 @@ def test_a_failed_save_leaves_the_previous_checkpoint_readable(tmp_path, monkeyp
     with train.Checkpoints(directory, keep=2) as checkpoints:
         checkpoints.save(1, state.replace(step=1), rng)
 
-        async def disk_full(*args, **kwargs):
+        async def disk_full(*args, **kwargs):  # the data is written, the rename fails
             raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "async_save", disk_full)
+        monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", disk_full)
         with pytest.raises(OSError, match="No space left"):
             checkpoints.save(2, state.replace(step=2), rng)
         monkeypatch.undo()

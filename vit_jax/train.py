@@ -45,6 +45,7 @@ from vit_jax import checkpoint, input_pipeline, models, models_vit, optim
 
 LOSSES = ("softmax_xent", "sigmoid_xent")
 OPTIM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+COMPUTE_DTYPES = OPTIM_DTYPES
 EVAL_CROPS = ("resize", "resize_small_crop")
 PHASE_PREFIX = "phase:"  # `pretrained = 'phase:<name>'` = the params.npz of an earlier phase
 PARAMS_FILE = "params.npz"
@@ -148,6 +149,7 @@ def validate_config(
     _check_choice("decay_type", config.decay_type, optim.DECAY_TYPES)
     _check_choice("optim_dtype", config.optim_dtype, tuple(OPTIM_DTYPES))
     _check_choice("eval_crop", config.eval_crop, EVAL_CROPS)
+    _check_model_options(config)
     if config.label_smoothing and config.loss != "softmax_xent":
         raise ValueError("label_smoothing applies to loss='softmax_xent' only.")
     if not 0.0 <= config.label_smoothing < 1.0:
@@ -165,9 +167,29 @@ def validate_config(
 
 
 def make_model(config: ml_collections.ConfigDict, num_classes: int):
-    """The model of `config.model` with a head of `num_classes`."""
+    """The model of `config.model` with a head of `num_classes` and the config's speed options."""
     name = config.model.model_name
-    return models.model_class(name)(**{**config.model.to_dict(), "num_classes": num_classes})
+    return models.model_class(name)(
+        **{**config.model.to_dict(), **model_options(config), "num_classes": num_classes}
+    )
+
+
+def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Constructor options from `compute_dtype`, `attention_impl`, `remat_policy`, `scan_layers`.
+
+    Only options that differ from the model's defaults are returned, so a Mixer (which has
+    `dtype` only) is built unchanged unless it asks for bfloat16.
+    """
+    options: dict[str, Any] = {}
+    if config.compute_dtype != "float32":
+        options["dtype"] = COMPUTE_DTYPES[config.compute_dtype]
+    if config.attention_impl != "flax":
+        options["attention_impl"] = config.attention_impl
+    if config.remat_policy:
+        options["remat_policy"] = config.remat_policy
+    if config.scan_layers:
+        options["scan"] = True
+    return options
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> optim.Schedule:
@@ -818,6 +840,7 @@ def _eval_batches(config: ml_collections.ConfigDict):
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         data_dir=config.data_dir or None,
+        manual_dir=config.manual_dir or None,
         eval_crop=config.eval_crop,
         multi_hot=config.loss == "sigmoid_xent",
     )
@@ -830,6 +853,26 @@ def _fmt(metrics: Mapping[str, float]) -> str:
 def _check_choice(key: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ValueError(f"Unknown {key}={value!r}; valid values: {', '.join(valid)}.")
+
+
+def _check_model_options(config: ml_collections.ConfigDict) -> None:
+    _check_choice("compute_dtype", config.compute_dtype, tuple(COMPUTE_DTYPES))
+    _check_choice("attention_impl", config.attention_impl, models_vit.ATTENTION_IMPLS)
+    if config.remat_policy:
+        _check_choice("remat_policy", config.remat_policy, models_vit.REMAT_POLICIES)
+    vit_only = {k: v for k, v in model_options(config).items() if k != "dtype"}
+    if vit_only and models.model_class(config.model.model_name) is not models.VisionTransformer:
+        raise ValueError(
+            f"{config.model.model_name} takes compute_dtype only; unset {sorted(vit_only)} "
+            "(attention_impl, remat_policy and scan_layers are ViT options)."
+        )
+    attention_dropout = config.model.get("transformer", {}).get("attention_dropout_rate", 0.0)
+    if config.attention_impl != "flax" and attention_dropout:
+        raise ValueError(
+            f"attention_impl={config.attention_impl!r} has no attention dropout, but the model's "
+            f"transformer.attention_dropout_rate={attention_dropout}; set it to 0 or use "
+            "attention_impl='flax'."
+        )
 
 
 def _check_patch_grid(model_config: ml_collections.ConfigDict, image_size: int) -> None:
