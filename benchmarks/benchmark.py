@@ -13,8 +13,12 @@ Columns:
   compile s      lowering + XLA compilation of the train step;
   peak MiB       the compiled train step's device memory: arguments + outputs + temporaries −
                  aliased (donated) buffers, from XLA's `memory_analysis()`, per device;
-  GFLOP/img      XLA's `cost_analysis()` of the train step divided by the per-device batch;
-  MFU            on an accelerator with a known peak: achieved train FLOP/s ÷ peak (bf16 peak).
+  GFLOP/img      model FLOPs of a training step per image: XLA's `cost_analysis()` of the
+                 reference variant's train step ÷ per-device batch, shown for every variant of
+                 the model (XLA counts a scanned loop body once, and remat's recomputation is
+                 not model work);
+  MFU            on an accelerator with a known peak: GFLOP/img × train img/s ÷ (peak × devices),
+                 against the dense bf16 peak.
 Ratios (× ref) compare with the reference row of the same model and resolution.
 
 With `timm` and `torch` importable, `--timm` adds timm's equivalent model (same sizes,
@@ -156,11 +160,7 @@ def measure(
         holder["state"], metrics = compiled(holder["state"], train_batch, rng)
         jax.block_until_ready(metrics)
 
-    seconds = median_seconds(run_train, repeats)
-    row.train_ips = batch / seconds
-    peak = _peak_flops()
-    if flops and peak:
-        row.mfu = flops * devices / seconds / (peak * devices)
+    row.train_ips = batch / median_seconds(run_train, repeats)
 
     host_params = jax.device_get(jax_utils.unreplicate(holder["state"]).params)
     infer = jax.jit(lambda p, im: model.apply({"params": p}, im, train=False))
@@ -302,6 +302,21 @@ def _ratio(value: float | None, ref: float | None, invert: bool = False) -> str:
     return f" ({ratio:.2f}×)"
 
 
+def use_model_flops(rows: list[Row]) -> None:
+    """Gives every row its reference row's FLOPs per image, and the MFU that follows."""
+    refs = {r.model: r for r in rows if r.variant == "reference"}
+    peak = _peak_flops()
+    for r in rows:
+        ref = refs.get(r.model)
+        if ref is None or ref.gflop_per_img is None:
+            if "scan" in VARIANTS.get(r.variant, {}):
+                r.gflop_per_img = None  # XLA's count of a scanned loop is not the model's
+            continue
+        r.gflop_per_img = ref.gflop_per_img
+        if peak and r.train_ips:
+            r.mfu = r.gflop_per_img * 1e9 * r.train_ips / (peak * jax.local_device_count())
+
+
 def print_table(rows: list[Row]) -> None:
     header = (
         f"| {'model':<14} | {'variant':<18} | {'train img/s':>18} | {'infer img/s':>18} | "
@@ -367,10 +382,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         for variant in args.compile_variants.split(","):
             compile_rows.append(measure(name, res, variant, batch, args.repeats, compile_only=True))
             print(f"  compiled {name}@{res} {variant}", file=sys.stderr)
-    print_table(rows)
-    if compile_rows:
-        print()
-        print_table(compile_rows)
+    for table in (rows, compile_rows):
+        if table:
+            use_model_flops(table)
+            print_table(table)
+            print()
     if args.data:
         for name, res in _parse_models(args.models):
             train_ips = max(
