@@ -4,7 +4,7 @@ Each row is one (model, resolution, variant). The `reference` variant is numeric
 original (fp32, Flax attention, unrolled encoder, no remat); the others switch on the model's
 speed/memory options, which keep the parameter tree. All variants run in one process, one after
 another, so their ratios are comparable on a noisy machine; every time is the median of
-`--repeats` timed runs after warm-up.
+`--repeats` timed runs after warm-up, the variants of a model timed in turns.
 
 Columns:
   train img/s    the real pmap'd training step (`train.train_step`: loss, grads, pmean, SGD with
@@ -95,18 +95,6 @@ class Row:
 # Measurements.
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
-    """Median wall time of `fn()` (which must block until its result is ready)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def build_model(name: str, variant: str):
     return models.get_model(name, num_classes=NUM_CLASSES, **VARIANTS[variant])
 
@@ -123,9 +111,17 @@ def train_step_fn(model):
     return jax.pmap(step, axis_name="batch", donate_argnums=(0,)), tx
 
 
-def measure(
-    name: str, resolution: int, variant: str, batch: int, repeats: int, compile_only: bool
-) -> Row:
+@dataclasses.dataclass
+class Prepared:
+    """A row with its compile-time figures, and the calls that time it (each blocks)."""
+
+    row: Row
+    run_train: Callable[[], None]
+    run_infer: Callable[[], None]
+
+
+def prepare(name: str, resolution: int, variant: str, batch: int) -> Prepared:
+    """Compiles the train step of one variant (compile time, memory, FLOPs) and its calls."""
     row = Row(f"{name}@{resolution}", variant)
     model = build_model(name, variant)
     devices = jax.local_device_count()
@@ -151,8 +147,6 @@ def measure(
     flops = _flops(compiled)
     if flops:
         row.gflop_per_img = flops / per_device / 1e9
-    if compile_only:
-        return row
 
     holder = {"state": state}
 
@@ -160,18 +154,61 @@ def measure(
         holder["state"], metrics = compiled(holder["state"], train_batch, rng)
         jax.block_until_ready(metrics)
 
-    row.train_ips = batch / median_seconds(run_train, repeats)
-
-    host_params = jax.device_get(jax_utils.unreplicate(holder["state"]).params)
     infer = jax.jit(lambda p, im: model.apply({"params": p}, im, train=False))
     flat = jnp.asarray(x.reshape(-1, resolution, resolution, 3), jnp.float32)
-    row.infer_ips = batch / median_seconds(
-        lambda: jax.block_until_ready(infer(host_params, flat)), repeats
-    )
-    return row
+
+    def run_infer():
+        jax.block_until_ready(infer(params, flat))
+
+    return Prepared(row, run_train, run_infer)
 
 
-def measure_timm(name: str, resolution: int, batch: int, repeats: int) -> Row | None:
+def round_robin_seconds(
+    calls: Sequence[Callable[[], Any]], repeats: int, warmup: int = 2
+) -> list[float]:
+    """Median wall time of each call, timed in turns (a, b, c, a, b, c, ...).
+
+    Taking turns spreads a noisy machine's slow spells over every variant, so the ratios
+    between them hold better than when each is timed in one block.
+    """
+    for call in calls:
+        for _ in range(warmup):
+            call()
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(repeats):
+        for i, call in enumerate(calls):
+            start = time.perf_counter()
+            call()
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def measure_model(
+    name: str, resolution: int, variants: Sequence[str], batch: int, repeats: int, with_timm: bool
+) -> list[Row]:
+    """Rows of every variant (and timm's, if asked and available), timed in turns."""
+    prepared = [prepare(name, resolution, v, batch) for v in variants]
+    if with_timm:
+        timm_prepared = prepare_timm(name, resolution, batch)
+        if timm_prepared is not None:
+            prepared.append(timm_prepared)
+    train_s = round_robin_seconds([p.run_train for p in prepared], repeats)
+    infer_s = round_robin_seconds([p.run_infer for p in prepared], repeats)
+    for p, t, i in zip(prepared, train_s, infer_s, strict=True):
+        p.row.train_ips, p.row.infer_ips = batch / t, batch / i
+    return [p.row for p in prepared]
+
+
+def measure(
+    name: str, resolution: int, variant: str, batch: int, repeats: int, compile_only: bool
+) -> Row:
+    """One variant's row (compile figures only with `compile_only`)."""
+    if not compile_only:
+        return measure_model(name, resolution, [variant], batch, repeats, with_timm=False)[0]
+    return prepare(name, resolution, variant, batch).row
+
+
+def prepare_timm(name: str, resolution: int, batch: int) -> Prepared | None:
     """timm's ViT of the same size, fp32, torch SGD + momentum; None when timm is unavailable."""
     try:
         torch, timm = _import_timm()
@@ -201,17 +238,14 @@ def measure_timm(name: str, resolution: int, batch: int, repeats: int) -> Row | 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
-    row = Row(f"{name}@{resolution}", "timm (torch fp32)")
-    model.train()
-    row.train_ips = batch / median_seconds(run_train, repeats)
-    model.eval()
-
     def run_infer():
+        model.eval()
         with torch.inference_mode():
             model(x)
+        model.train()
 
-    row.infer_ips = batch / median_seconds(run_infer, repeats)
-    return row
+    model.train()
+    return Prepared(Row(f"{name}@{resolution}", "timm (torch fp32)"), run_train, run_infer)
 
 
 def measure_data(resolution: int, batch: int, steps: int) -> float:
@@ -369,18 +403,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{args.repeats}\n"
     )
     rows = []
+    with_timm = args.timm and jax.devices()[0].platform == "cpu"
     for name, res in _parse_models(args.models):
-        for variant in variants:
-            rows.append(measure(name, res, variant, batch, args.repeats, compile_only=False))
-            print(f"  measured {name}@{res} {variant}", file=sys.stderr)
-        if args.timm and jax.devices()[0].platform == "cpu":
-            timm_row = measure_timm(name, res, batch, args.repeats)
-            if timm_row:
-                rows.append(timm_row)
+        rows += measure_model(name, res, variants, batch, args.repeats, with_timm)
+        print(f"  measured {name}@{res}", file=sys.stderr)
     compile_rows = []
     for name, res in _parse_models(args.compile_only):
         for variant in args.compile_variants.split(","):
-            compile_rows.append(measure(name, res, variant, batch, args.repeats, compile_only=True))
+            compile_rows.append(prepare(name, res, variant, batch).row)
             print(f"  compiled {name}@{res} {variant}", file=sys.stderr)
     for table in (rows, compile_rows):
         if table:

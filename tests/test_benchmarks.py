@@ -50,3 +50,12 @@ def test_benchmark_table_prints_ratios_against_the_reference(capsys):
     benchmark.print_table(rows)
     out = capsys.readouterr().out
     assert "15.0 (1.50×)" in out and "40 (0.40×)" in out
+
+
+def test_variants_are_timed_in_turns():
+    order = []
+    seconds = benchmark.round_robin_seconds(
+        [lambda: order.append("a"), lambda: order.append("b")], repeats=3, warmup=1
+    )
+    assert order == ["a", "b"] + ["a", "b"] * 3  # warm-up each, then alternate
+    assert len(seconds) == 2 and all(s >= 0 for s in seconds)
