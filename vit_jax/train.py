@@ -812,37 +812,34 @@ def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, bool | int | f
 # Helpers.
 
 
+def _pipeline_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The input-pipeline arguments shared by training and evaluation batches."""
+    return {
+        "image_size": config.image_size,
+        "global_batch_size": config.batch_size,
+        "local_device_count": jax.local_device_count(),
+        "process_index": jax.process_index(),
+        "process_count": jax.process_count(),
+        "data_dir": config.data_dir or None,
+        "manual_dir": config.manual_dir or None,
+        "multi_hot": config.loss == "sigmoid_xent",
+    }
+
+
 def _train_batches(config: ml_collections.ConfigDict, start_step: int = 0):
     return input_pipeline.get_train_iterator(
         config.dataset,
         config.train_split,
-        image_size=config.image_size,
-        global_batch_size=config.batch_size,
-        local_device_count=jax.local_device_count(),
         seed=config.seed,
         start_step=start_step,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        data_dir=config.data_dir or None,
-        manual_dir=config.manual_dir or None,
         shuffle_buffer=config.shuffle_buffer,
-        multi_hot=config.loss == "sigmoid_xent",
+        **_pipeline_args(config),
     )
 
 
 def _eval_batches(config: ml_collections.ConfigDict):
     return input_pipeline.get_eval_iterator(
-        config.dataset,
-        config.test_split,
-        image_size=config.image_size,
-        global_batch_size=config.batch_size,
-        local_device_count=jax.local_device_count(),
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        data_dir=config.data_dir or None,
-        manual_dir=config.manual_dir or None,
-        eval_crop=config.eval_crop,
-        multi_hot=config.loss == "sigmoid_xent",
+        config.dataset, config.test_split, eval_crop=config.eval_crop, **_pipeline_args(config)
     )
 
 
