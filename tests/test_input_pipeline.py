@@ -79,6 +79,50 @@ def test_train_stream_is_reproducible_and_resumes_exactly():
     assert not np.array_equal(other_seed["image"], uninterrupted[0]["image"])
 
 
+def test_global_batches_do_not_depend_on_the_process_count():
+    """Process i's batch is the i-th part of the 1-process global batch, through 2+ epochs."""
+    one = _train(global_batch_size=48)
+    two = [
+        _train(global_batch_size=48, local_device_count=4, process_index=i, process_count=2)
+        for i in range(2)
+    ]
+    for _ in range(70):  # 70 × 48 = 3360 > 2 × 1437
+        whole, parts = next(one), [next(t) for t in two]
+        for key in whole:
+            np.testing.assert_array_equal(whole[key], np.concatenate([p[key] for p in parts]))
+
+
+def test_each_epoch_reads_every_example_once():
+    """The first epoch's positions are a permutation of the split (raw, before augmentation)."""
+    images, labels = ip._digits_split("train")
+    elements = ip._global_order(
+        images,
+        labels,
+        seed=0,
+        start_step=0,
+        global_batch_size=16,
+        process_index=0,
+        process_count=1,
+    )
+    positions, raw = [], []
+    for position, example in elements.take(len(labels)).as_numpy_iterator():
+        positions.append(position)
+        raw.append(example["image"].tobytes() + bytes([example["label"]]))
+    assert positions == list(range(len(labels)))
+    expected = [x.tobytes() + bytes([y]) for x, y in zip(images, labels, strict=True)]
+    assert collections.Counter(raw) == collections.Counter(expected)
+    second = ip._global_order(
+        images,
+        labels,
+        seed=0,
+        start_step=len(labels) // 16 + 1,
+        global_batch_size=16,
+        process_index=0,
+        process_count=1,
+    )
+    assert next(second.as_numpy_iterator())[0] == (len(labels) // 16 + 1) * 16
+
+
 def test_augmentation_differs_across_processes():
     first = next(_train(process_index=0, process_count=2))
     second = next(_train(process_index=1, process_count=2))

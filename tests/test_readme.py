@@ -6,6 +6,7 @@ every `--config.key=value` override), and the resulting config must pass
 own argument parsers. Training itself is covered by the end-to-end tests.
 """
 
+import copy
 import re
 import shlex
 import sys
@@ -34,13 +35,15 @@ def _commands(module: str) -> list[list[str]]:
             command = line.split("#", 1)[0]
             for part in command.split("&&"):
                 words = shlex.split(part)
-                if words[:3] == ["python", "-m", module]:
-                    found.append(words[3:])
+                for start in range(len(words)):  # after a launcher such as `srun`
+                    if words[start : start + 3] == ["python", "-m", module]:
+                        found.append(words[start + 3 :])
     return found
 
 
 def test_the_readme_has_the_commands_it_documents():
-    assert len(_commands("vit_jax.main")) >= 4  # main job, fine-tune, pretrain, image folder
+    # main job, fine-tune, pretrain, image folder, TPU pod, SLURM, explicit coordinator
+    assert len(_commands("vit_jax.main")) >= 7
     assert _commands("vit_jax.predict") and _commands("vit_jax.attention")
 
 
@@ -53,6 +56,8 @@ def test_readme_training_commands_parse_and_validate(monkeypatch, args):
     monkeypatch.setattr(sys, "argv", ["vit_jax.main", *args])
     flag_values = flags.FlagValues()
     flags.DEFINE_string("workdir", None, "", flag_values=flag_values)
+    for name in main.HOST_FLAGS:  # --distributed, --coordinator_address, ...: copies
+        flag_values[name] = copy.deepcopy(flags.FLAGS[name])
     config_flags.DEFINE_config_file(
         "config", main.default_config_path(), "", flag_values=flag_values, lock_config=True
     )

@@ -12,10 +12,7 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import jax
@@ -23,10 +20,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests._commands import TrainCommand, signal_after
 from tests.test_train import tiny_config
 from vit_jax import checkpoint, train
 
-REPO = Path(__file__).resolve().parent.parent
 TINY_STEPS = 4  # in-process run: checkpoints at 2 and 4, eval at 2 and 4
 _HPARAMS_TAG = "_hparams_/session_start_info"  # what clu's write_hparams writes
 
@@ -220,77 +217,36 @@ _KILL_CONFIG = """
 """
 
 
-class _Command:
-    """`python -m vit_jax.main` on the tiny config in `workdir`, on 2 fake devices.
-
-    Output goes to `<workdir>.out` / `.err` (a pipe nobody reads would fill and block the run).
-    """
-
-    def __init__(self, tmp_path: Path, workdir: Path):
-        config_file = tmp_path / "tiny_config.py"
-        config_file.write_text(textwrap.dedent(_KILL_CONFIG))
-        self.workdir = workdir
-        self.args = [sys.executable, "-m", "vit_jax.main", f"--config={config_file}"]
-        self.args.append(f"--workdir={workdir}")
-        self.env = {
-            **os.environ,
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-        }
-        self.stdout, self.stderr = workdir.with_suffix(".out"), workdir.with_suffix(".err")
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with open(self.stdout, "w") as stdout, open(self.stderr, "w") as stderr:
-            self.process = subprocess.Popen(self.args, env=self.env, stdout=stdout, stderr=stderr)
-
-    def wait(self) -> int:
-        """The exit status; stdout and stderr are in `self.stdout` / `self.stderr`."""
-        assert self.process is not None
-        return self.process.wait(timeout=240)
-
-    def run(self) -> int:
-        self.start()
-        return self.wait()
-
-    def signal_after(self, step: int, signum: int) -> int:
-        """Starts the command, sends `signum` once the checkpoint of `step` is complete."""
-        self.start()
-        ready = self.workdir / train.CHECKPOINT_DIR / str(step)
-        deadline = time.monotonic() + 180
-        while not ready.exists() and self.process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        self.process.send_signal(signum)
-        returncode = self.wait()
-        assert ready.exists(), self.stderr.read_text()[-3000:]
-        return returncode
+def _command(tmp_path: Path, workdir: Path) -> TrainCommand:
+    """The tiny config's command line in `workdir`, on 2 fake devices."""
+    config_file = tmp_path / "tiny_config.py"
+    config_file.write_text(textwrap.dedent(_KILL_CONFIG))
+    return TrainCommand(config_file, workdir, devices=2)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """params.npz of the tiny command run without interruption (it runs alongside the tests)."""
     tmp_path = tmp_path_factory.mktemp("uninterrupted")
-    command = _Command(tmp_path, tmp_path / "work")
+    command = _command(tmp_path, tmp_path / "work")
     command.start()
 
     @functools.cache
     def params():
-        assert command.wait() == 0, command.stderr.read_text()[-3000:]
+        assert command.wait() == 0, command.tail()
         assert "final test accuracy" in command.stdout.read_text()
         return checkpoint.load(command.workdir / train.PARAMS_FILE)
 
     yield params
-    if command.process.poll() is None:
-        command.process.kill()
-        command.process.wait()
+    command.kill()
 
 
 def test_sigkill_then_rerun_matches_an_uninterrupted_run(uninterrupted, tmp_path):
-    command = _Command(tmp_path, tmp_path / "work")
-    returncode = command.signal_after(20, signal.SIGKILL)
-    assert returncode == -signal.SIGKILL, command.stderr.read_text()[-3000:]
+    command = _command(tmp_path, tmp_path / "work")
+    ready = command.workdir / train.CHECKPOINT_DIR / "20"
+    assert signal_after(command, ready, signal.SIGKILL) == -signal.SIGKILL, command.tail()
     assert not (command.workdir / train.PARAMS_FILE).exists()
-    assert command.run() == 0, command.stderr.read_text()[-3000:]
+    assert command.run() == 0, command.tail()
     log = command.stderr.read_text()
     resumed_from = re.search(r"Resuming from the checkpoint of step (\d+)", log)
     assert resumed_from and 20 <= int(resumed_from.group(1)) < 200
@@ -298,9 +254,9 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(uninterrupted, tmp_path
 
 
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_from_it(uninterrupted, tmp_path):
-    command = _Command(tmp_path, tmp_path / "work")
-    returncode = command.signal_after(20, signal.SIGTERM)
-    assert returncode == 128 + signal.SIGTERM, command.stderr.read_text()[-3000:]
+    command = _command(tmp_path, tmp_path / "work")
+    ready = command.workdir / train.CHECKPOINT_DIR / "20"
+    assert signal_after(command, ready, signal.SIGTERM) == 128 + signal.SIGTERM, command.tail()
     assert "final test accuracy" not in command.stdout.read_text()
     log = (command.workdir / train.LOG_FILE).read_text()
     match = re.search(r"Training stopped by SIGTERM after step (\d+); its checkpoint is in", log)
@@ -308,6 +264,6 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_from_it(uninterrupted,
     step = int(match.group(1))
     assert 20 < step < 200 and _steps(command.workdir)[-1] == step
 
-    assert command.run() == 0, command.stderr.read_text()[-3000:]
+    assert command.run() == 0, command.tail()
     assert f"Resuming from the checkpoint of step {step} " in command.stderr.read_text()
     assert _same_params(checkpoint.load(command.workdir / train.PARAMS_FILE), uninterrupted())

@@ -10,10 +10,15 @@ This module owns:
 - batching for `pmap`: `[local_device_count, per_device, ...]`, evaluation padded with a `mask`
   so that every example is counted exactly once.
 
-Training streams are a pure function of (seed, dataset, split, process_index/count): shuffling is
-seeded and augmentation uses stateless random ops keyed by the element's absolute index, so
-`start_step=k` reproduces an uninterrupted stream from step k on and skips raw (undecoded)
-elements to get there.
+Training streams are seeded and augmentation uses stateless random ops keyed by the element's
+absolute stream position, so `start_step=k` reproduces an uninterrupted stream from step k on.
+- The offline set and image folders are addressable by index: their stream is one seeded
+  permutation per epoch, cut into global batches, and process i decodes only the i-th part of each
+  global batch. The global batches are therefore the same for any number of processes (a 2-host
+  run sees the data a 1-host run sees), and resuming costs no reading.
+- tfds datasets are record files read in order: each process reads its own even split (its own
+  files), shuffled with a buffer; resuming skips raw (undecoded) records. Their order depends on
+  the process count.
 
 It does not own device placement (beyond the small `prefetch_to_device` helper), the training
 loop, or metrics. Image folders are validated once per process (every file is decoded once by
@@ -72,6 +77,9 @@ class _Source:
     max_process_examples: int  # the most any process holds (eval pads every process to it)
     num_classes: int
     class_names: tuple[str, ...] | None
+    # The whole split (all processes) as (raw images or paths, int64 labels), when it is held in
+    # memory and so addressable by index: training then reads it in one global order.
+    arrays: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class EvalBatches:
@@ -141,6 +149,7 @@ def get_train_iterator(
     """Endless augmented training batches `{'image', 'label'}` shaped for `pmap`.
 
     `start_step=k` yields exactly the batches an uninterrupted iterator yields from step k on.
+    `shuffle_buffer` applies to tfds datasets only (the others are permuted whole, per epoch).
     """
     per_host, per_device = _batch_sizes(global_batch_size, local_device_count, process_count)
     if start_step < 0:
@@ -155,14 +164,25 @@ def get_train_iterator(
         download=download,
         shuffle_seed=seed,
     )
-    base_seed = tf.random.experimental.stateless_fold_in(
-        tf.constant([seed, 0], tf.int64), process_index
-    )
+    base_seed = tf.constant([seed, 0], tf.int64)
+    if source.arrays is not None:
+        ds = _global_order(
+            *source.arrays,
+            seed=seed,
+            start_step=start_step,
+            global_batch_size=global_batch_size,
+            process_index=process_index,
+            process_count=process_count,
+        )
+    else:  # positions count this process's own stream
+        base_seed = tf.random.experimental.stateless_fold_in(base_seed, process_index)
+        ds = source.dataset.repeat().shuffle(shuffle_buffer, seed=seed)
+        ds = ds.enumerate().skip(start_step * per_host)
 
-    def preprocess(index, example):
+    def preprocess(position, example):
         crop_seed, flip_seed = tf.unstack(
             tf.random.experimental.stateless_split(
-                tf.random.experimental.stateless_fold_in(base_seed, index), 2
+                tf.random.experimental.stateless_fold_in(base_seed, position), 2
             )
         )
         image = _inception_crop(source.decode(example["image"]), crop_seed)
@@ -173,8 +193,6 @@ def get_train_iterator(
             "label": _encode_label(example["label"], source.num_classes, multi_hot),
         }
 
-    ds = source.dataset.repeat().shuffle(shuffle_buffer, seed=seed)
-    ds = ds.enumerate().skip(start_step * per_host)
     ds = ds.map(preprocess, num_parallel_calls=_TRAIN_PARALLEL_CALLS)
     ds = ds.batch(per_host, drop_remainder=True)
     ds = ds.map(functools.partial(_shard, devices=local_device_count, per_device=per_device))
@@ -277,6 +295,44 @@ def _options(autotune: bool = True) -> tf.data.Options:
     options.deterministic = True
     options.autotune.enabled = autotune
     return options
+
+
+def _global_order(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    seed: int,
+    start_step: int,
+    global_batch_size: int,
+    process_index: int,
+    process_count: int,
+) -> tf.data.Dataset:
+    """`(position, {'image', 'label'})` of this process's part of each global batch, raw images.
+
+    Stream position p holds example `permutation_e[p mod n]` of epoch e = p // n (a seeded
+    permutation of all n examples per epoch); global batch b is positions [bB, (b+1)B) and process
+    i takes its i-th contiguous part. Only integers are skipped and sliced; each process gathers
+    (and later decodes) its own examples only.
+    """
+    n = len(labels)
+    per_host = global_batch_size // process_count
+    first = start_step * global_batch_size
+    epoch_seed = tf.constant([seed, 1], tf.int64)
+
+    def epoch(e):
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(n, dtype=tf.int64), tf.random.experimental.stateless_fold_in(epoch_seed, e)
+        )
+        return tf.data.Dataset.from_tensor_slices((e * n + tf.range(n, dtype=tf.int64), order))
+
+    own = slice(process_index * per_host, (process_index + 1) * per_host)
+    ds = tf.data.Dataset.range(first // n, np.iinfo(np.int64).max).flat_map(epoch)
+    ds = ds.skip(first % n).batch(global_batch_size).map(lambda p, i: (p[own], i[own])).unbatch()
+    images, labels = tf.constant(images), tf.constant(labels)
+    return ds.map(
+        lambda p, i: (p, {"image": tf.gather(images, i), "label": tf.gather(labels, i)}),
+        num_parallel_calls=_TRAIN_PARALLEL_CALLS,
+    )
 
 
 def _check_process(process_index: int, process_count: int) -> None:
@@ -385,7 +441,7 @@ def _from_arrays(
     own, most = _process_slice(len(labels), process_index, process_count)
     own_part = slice(process_index, None, process_count)
     ds = tf.data.Dataset.from_tensor_slices({"image": images[own_part], "label": labels[own_part]})
-    return _Source(ds, decode, own, most, len(class_names), class_names)
+    return _Source(ds, decode, own, most, len(class_names), class_names, (images, labels))
 
 
 def _digits_source(split: str, process_index: int, process_count: int) -> _Source:

@@ -4,6 +4,10 @@ Without `--config` it runs the offline main job `configs/default.py` (found as t
 `configs.default`, installed with the package). The config is locked, so an override of a key
 the config does not declare fails naming the key. A config with `phases` runs its sub-configs in
 order (`train.train_phases`); any other runs `train.train_and_evaluate`.
+
+Multi-host: run the same command once per host with `--distributed` (JAX detects Cloud TPU
+pods, SLURM, Open MPI and Kubernetes) or with `--coordinator_address=HOST:PORT
+--num_processes=N --process_id=I`; the workdir must be a directory every process sees.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import NoReturn
 from absl import app, flags
 from ml_collections import config_flags
 
-from vit_jax import train
+from vit_jax import multihost, train
 
 
 def default_config_path() -> str:
@@ -80,6 +84,30 @@ try:  # without --config, the default config and its overrides are parsed right 
 except (AttributeError, KeyError) as e:
     _fail_on_unknown_key(e, sys.argv)
 flags.mark_flag_as_required("workdir")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Start JAX's multi-process runtime, detecting the cluster (Cloud TPU pod, SLURM, Open MPI, "
+    "Kubernetes). Implied by --coordinator_address/--num_processes/--process_id.",
+)
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0, reachable from every process."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 … N-1.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout_seconds",
+    100,
+    "When a process stops answering for this long, the others abort (multi-process runs).",
+)
+# The multi-host flags (tests/test_readme.py parses the README's commands with them).
+HOST_FLAGS = (
+    "distributed",
+    "coordinator_address",
+    "num_processes",
+    "process_id",
+    "heartbeat_timeout_seconds",
+)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -100,6 +128,14 @@ def main(argv: list[str]) -> None:
         config = _CONFIG.value
     except OSError as e:  # config_flags defers a missing config file to its first use
         raise app.UsageError(str(e)) from e
+    cluster = (_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if _DISTRIBUTED.value or any(value is not None for value in cluster):
+        multihost.initialize(
+            coordinator_address=cluster[0],
+            num_processes=cluster[1],
+            process_id=cluster[2],
+            heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value,
+        )
     if "phases" in config:
         results = train.train_phases(config, _WORKDIR.value)
         final = results[config.phases[-1]]

@@ -15,6 +15,10 @@ What a run leaves in its workdir:
 - TensorBoard event files (train loss, lr, grad/param norm, img/s/core, steps/s, eval
   accuracy/top-5/loss, the hyper-parameters once) and `train.log` (the run's log lines).
 - `params.npz`: the final params in the released format.
+
+Several processes (hosts) run the same loop on their own devices and data (`multihost`): the
+steps' collectives are global, and files every process would write alike are written by
+process 0 (orbax coordinates the checkpoints).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from clu import metric_writers, periodic_actions
 from flax import jax_utils
 from flax.training import train_state
 
-from vit_jax import checkpoint, input_pipeline, models, models_vit, optim
+from vit_jax import checkpoint, input_pipeline, models, models_vit, multihost, optim
 
 LOSSES = ("softmax_xent", "sigmoid_xent")
 OPTIM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -404,8 +408,9 @@ class Checkpoints:
 
     def __init__(self, directory: str, keep: int):
         self.directory = os.path.abspath(directory)
-        if jax.process_index() == 0:
+        if multihost.is_main_process():
             _remove_half_written(self.directory)
+        multihost.barrier("checkpoints-opened")  # no process lists a half-written one
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=False, create=True
         )
@@ -482,14 +487,15 @@ class Checkpoints:
         return tree, int(meta["data_step"])
 
     def _move_aside(self, step: int) -> None:
-        if jax.process_index() != 0:
-            return
-        source = os.path.join(self.directory, str(step))
-        parent = os.path.join(os.path.dirname(self.directory), UNREADABLE_DIR)
-        os.makedirs(parent, exist_ok=True)
-        destination = os.path.join(parent, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-        shutil.move(source, destination)
-        _LOG.warning("Unreadable checkpoint of step %d moved to %s.", step, destination)
+        """Process 0 moves it; every process then lists the directory again."""
+        if multihost.is_main_process():
+            source = os.path.join(self.directory, str(step))
+            parent = os.path.join(os.path.dirname(self.directory), UNREADABLE_DIR)
+            os.makedirs(parent, exist_ok=True)
+            destination = os.path.join(parent, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+            shutil.move(source, destination)
+            _LOG.warning("Unreadable checkpoint of step %d moved to %s.", step, destination)
+        multihost.barrier("checkpoint-moved-aside")
         self._manager.reload()
 
 
@@ -580,8 +586,11 @@ def _run(
     else:
         _LOG.info("Already trained to step %d (total_steps); evaluating only.", config.total_steps)
     eval_metrics = run_eval(jax_utils.replicate(state.params), config.total_steps)
-    if start_step < config.total_steps or not os.path.exists(params_file):
+    if multihost.is_main_process() and (
+        start_step < config.total_steps or not os.path.exists(params_file)
+    ):
         checkpoint.save(jax.device_get(state.params), params_file)
+    multihost.barrier("params-saved")  # a next phase reads it on every process
     return state, eval_metrics
 
 
@@ -598,7 +607,8 @@ def _train(
     """Steps `start_step + 1 … total_steps`; returns the final host state.
 
     Order at a step boundary: log, checkpoint (after checking every step since the last check
-    is finite), stop on a signal, evaluate.
+    is finite), stop on a signal, evaluate. With several processes, a signal to any of them
+    stops all of them after the same step (`multihost.AgreedStop`, a few steps later).
     """
     p_train_step = make_train_step(config, schedule)
     batches = input_pipeline.prefetch_to_device(_train_batches(config, start_step))
@@ -606,12 +616,14 @@ def _train(
     progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
     train_metrics = _TrainMetrics(writer, checkpoints, start_step + 1, config.batch_size)
     try:
-        with _StopSignals() as stop:
+        with _StopSignals() as signals:
+            agreed_stop = multihost.AgreedStop()
             for step in range(start_step + 1, config.total_steps + 1):
                 pstate, metrics = p_train_step(pstate, next(batches), prng)
                 train_metrics.add(metrics)
                 progress(step)
-                last, stopping = step == config.total_steps, stop.signum is not None
+                stop_signum = agreed_stop.poll(signals.signum)
+                last, stopping = step == config.total_steps, stop_signum is not None
                 if last or stopping or step % config.log_every == 0:
                     train_metrics.write(step)
                 if last or stopping or _every(step, config.checkpoint_every):
@@ -620,7 +632,7 @@ def _train(
                         step, jax_utils.unreplicate(pstate), jax_utils.unreplicate(prng)
                     )
                 if stopping:
-                    interrupted = TrainingInterrupted(stop.signum, step, checkpoints.directory)
+                    interrupted = TrainingInterrupted(stop_signum, step, checkpoints.directory)
                     _LOG.warning("%s", interrupted)
                     raise interrupted
                 if not last and _every(step, config.eval_every):

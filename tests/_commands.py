@@ -1,0 +1,124 @@
+"""`python -m vit_jax.main` as subprocesses, for the tests that interrupt runs for real.
+
+Each command runs on its own number of fake CPU devices and writes its output to files beside
+its workdir (a pipe nobody reads would fill and block the run). The compilation cache set up by
+conftest.py reaches the subprocesses through the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+WAIT_SECONDS = 240  # the longest any test command may take
+
+
+class TrainCommand:
+    """`python -m vit_jax.main --config=F[:args] --workdir=W [args]` on `devices` fake CPU devices.
+
+    Output goes to `<workdir>.<name>.out` / `.err`.
+    """
+
+    def __init__(
+        self,
+        config_file: Path | str,
+        workdir: Path,
+        *,
+        devices: int = 2,
+        args: Sequence[str] = (),
+        name: str = "main",
+    ):
+        self.workdir = workdir
+        self.args = [sys.executable, "-m", "vit_jax.main", f"--config={config_file}"]
+        self.args += [f"--workdir={workdir}", *args]
+        self.env = {
+            **os.environ,
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "JAX_PLATFORMS": "cpu",
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        }
+        self.stdout = workdir.with_name(f"{workdir.name}.{name}.out")
+        self.stderr = workdir.with_name(f"{workdir.name}.{name}.err")
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.stdout, "w") as stdout, open(self.stderr, "w") as stderr:
+            self.process = subprocess.Popen(self.args, env=self.env, stdout=stdout, stderr=stderr)
+
+    def wait(self, timeout: float = WAIT_SECONDS) -> int:
+        """The exit status; stdout and stderr are in `self.stdout` / `self.stderr`."""
+        assert self.process is not None
+        return self.process.wait(timeout=timeout)
+
+    def run(self) -> int:
+        self.start()
+        return self.wait()
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        """Ends it if it still runs (test clean-up)."""
+        if self.running():
+            self.process.kill()
+            self.process.wait()
+
+    def tail(self, chars: int = 3000) -> str:
+        return self.stderr.read_text()[-chars:]
+
+
+def wait_for(path: Path, commands: Sequence[TrainCommand], seconds: float = 180) -> None:
+    """Returns once `path` exists; AssertionError if a command ended first or time ran out."""
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        ended = [c for c in commands if not c.running()]
+        assert not ended, f"{path} never appeared: {ended[0].args} ended.\n{ended[0].tail()}"
+        assert time.monotonic() < deadline, f"{path} did not appear in {seconds} s"
+        time.sleep(0.005)
+
+
+def signal_after(command: TrainCommand, ready: Path, signum: int) -> int:
+    """Starts `command`, sends `signum` once `ready` exists, returns its exit status."""
+    command.start()
+    wait_for(ready, [command])
+    command.process.send_signal(signum)
+    return command.wait()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_group(
+    config_file: Path | str,
+    workdir: Path,
+    *,
+    processes: int,
+    devices: int,
+    heartbeat_timeout_seconds: int,
+) -> list[TrainCommand]:
+    """One command per process of a multi-process run on 127.0.0.1 (not started)."""
+    cluster = [
+        f"--coordinator_address=127.0.0.1:{free_port()}",
+        f"--num_processes={processes}",
+        f"--heartbeat_timeout_seconds={heartbeat_timeout_seconds}",
+    ]
+    return [
+        TrainCommand(
+            config_file,
+            workdir,
+            devices=devices,
+            args=[*cluster, f"--process_id={index}"],
+            name=f"process{index}",
+        )
+        for index in range(processes)
+    ]
