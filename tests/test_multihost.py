@@ -9,8 +9,11 @@ The digits are read in one global order (`input_pipeline`), so both layouts see 
 global batches and must end with the same params up to the order of the gradient sums.
 """
 
+import os
 import re
 import signal
+import subprocess
+import sys
 import textwrap
 import time
 
@@ -18,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests._commands import TrainCommand, process_group, wait_for
+from tests._commands import REPO, TrainCommand, free_port, process_group, wait_for
 from vit_jax import checkpoint, train
 
 PROCESSES, DEVICES_PER_PROCESS = 2, 4
@@ -186,3 +189,44 @@ def test_stop_kill_and_resume_across_processes(config_file, runs, tmp_path):
     resumed, uninterrupted = _params(group[0], "pretrain"), _params(runs["two"][0], "pretrain")
     for x, y in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted), strict=True):
         np.testing.assert_array_equal(x, y)  # bit for bit
+
+
+_SLURM_PROBE = """
+import jax
+import numpy as np
+
+from vit_jax import multihost
+
+multihost.initialize()  # what --distributed does: JAX reads the SLURM variables
+total = jax.pmap(lambda x: jax.lax.psum(x, "i"), "i")(np.ones(jax.local_device_count()))
+print(jax.process_index(), jax.process_count(), jax.device_count(), int(total[0]))
+"""
+
+
+def test_distributed_detects_a_slurm_job(tmp_path):
+    """`--distributed` under `srun`: coordinator, count and index come from SLURM's variables."""
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "SLURM_JOB_ID": "4242",
+        "JAX_COORDINATOR_PORT": str(free_port()),  # instead of one derived from the job id
+        "SLURM_STEP_NODELIST": "localhost",
+        "SLURM_STEP_NUM_NODES": "1",
+        "SLURM_NTASKS": "2",
+    }
+    probes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SLURM_PROBE],
+            env={**env, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=120) for p in probes]
+    for index, (probe, (stdout, stderr)) in enumerate(zip(probes, outputs, strict=True)):
+        assert probe.returncode == 0, stderr[-3000:]
+        assert stdout.splitlines()[-1].split() == [str(index), "2", "4", "4"]  # after gloo's

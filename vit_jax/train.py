@@ -545,13 +545,7 @@ def _run(
     writer: metric_writers.MetricWriter,
     checkpoints: Checkpoints,
 ) -> tuple[TrainState, Metrics]:
-    info = input_pipeline.get_dataset_info(
-        config.dataset,
-        train_split=config.train_split,
-        test_split=config.test_split,
-        data_dir=config.data_dir or None,
-        manual_dir=config.manual_dir or None,
-    )
+    info = _dataset_info(config)
     model = make_model(config, info.num_classes)
     schedule = make_schedule(config)
     resuming = bool(checkpoints.steps())
@@ -836,6 +830,30 @@ def _pipeline_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "manual_dir": config.manual_dir or None,
         "multi_hot": config.loss == "sigmoid_xent",
     }
+
+
+def _dataset_info(config: ml_collections.ConfigDict) -> input_pipeline.DatasetInfo:
+    """The dataset's info, read by process 0 before the others.
+
+    A tfds dataset not prepared yet is so downloaded and prepared by one process, not by every
+    process at once into the same data_dir.
+    """
+
+    def info():
+        return input_pipeline.get_dataset_info(
+            config.dataset,
+            train_split=config.train_split,
+            test_split=config.test_split,
+            data_dir=config.data_dir or None,
+            manual_dir=config.manual_dir or None,
+        )
+
+    if multihost.is_main_process():
+        result = info()
+    multihost.barrier("dataset-prepared")
+    if not multihost.is_main_process():
+        result = info()
+    return result
 
 
 def _train_batches(config: ml_collections.ConfigDict, start_step: int = 0):
