@@ -63,6 +63,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bf16_attn": {"dtype": jnp.bfloat16, "attention_impl": "auto"},
     "bf16_remat": {"dtype": jnp.bfloat16, "remat_policy": "nothing_saveable"},
     "bf16_scan_remat": {"dtype": jnp.bfloat16, "scan": True, "remat_policy": "nothing_saveable"},
+    "chunks2": {"batch_chunks": 2},
 }
 # Dense bf16 peak FLOP/s per device, by substrings of `device_kind` (vendor data sheets).
 PEAK_FLOPS = {

@@ -59,3 +59,15 @@ def test_variants_are_timed_in_turns():
     )
     assert order == ["a", "b"] + ["a", "b"] * 3  # warm-up each, then alternate
     assert len(seconds) == 2 and all(s >= 0 for s in seconds)
+
+
+def test_chunks2_variant_keeps_the_reference_parameter_tree():
+    def shapes(variant):
+        model = benchmark.build_model("testing", variant)
+        tree = jax.eval_shape(
+            lambda: model.init(jax.random.PRNGKey(0), jax.numpy.zeros((1, 16, 16, 3)), train=False)
+        )
+        return jax.tree.map(lambda leaf: leaf.shape, tree)
+
+    assert benchmark.VARIANTS["chunks2"] == {"batch_chunks": 2}
+    assert shapes("chunks2") == shapes("reference")

@@ -827,6 +827,61 @@ def test_bfloat16_compute(vit_setup):
     assert rel > 1e-4  # it really computed in bf16
 
 
+# batch_chunks computes the same function on equal slices of the batch: outputs and gradients
+# agree with the whole-batch reference to fp32 rounding (summation order).
+@pytest.mark.parametrize(
+    "options",
+    [dict(batch_chunks=2), dict(batch_chunks=2, scan=True)],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_batch_chunks_same_logits_and_grads(vit_setup, vit_grads, options):
+    model, params, x, want = vit_setup
+    chunked = model.clone(**options)
+    chunked_params = checkpoint.scan_params(params) if options.get("scan") else params
+    tree, _ = abstract_init(chunked, VIT_IMAGE)
+    assert flat_shapes(tree) == flat_shapes(chunked_params)
+    out, grads = _logits_and_grads(chunked, chunked_params, x)
+    if options.get("scan"):
+        grads = flax.traverse_util.flatten_dict(
+            checkpoint.unscan_params(flax.traverse_util.unflatten_dict(grads, sep="/")), sep="/"
+        )
+    _, want_grads = vit_grads
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == want_grads.keys()
+    for key in want_grads:
+        np.testing.assert_allclose(grads[key], want_grads[key], rtol=1e-5, atol=5e-5, err_msg=key)
+    assert np.abs(want_grads["Transformer/encoderblock_0/LayerNorm_0/scale"]).max() > 1e-3
+
+
+def test_batch_chunks_keeps_initial_values_and_attention_weights(vit_setup):
+    model, params, x, _ = vit_setup
+    chunked = model.clone(batch_chunks=2)
+    ref_init, chunked_init = init_params(model, VIT_IMAGE), init_params(chunked, VIT_IMAGE)
+    flat_ref, flat_chunked = (
+        flax.traverse_util.flatten_dict(t, sep="/") for t in (ref_init, chunked_init)
+    )
+    assert flat_ref.keys() == flat_chunked.keys()
+    for key in flat_ref:
+        np.testing.assert_array_equal(flat_chunked[key], flat_ref[key], err_msg=key)
+    _, want = jitted_apply(model, mutable=True)({"params": params}, x)
+    _, got = jitted_apply(chunked, mutable=True)({"params": params}, x)
+    for i in range(2):
+        block = f"encoderblock_{i}"
+        (w,) = got["intermediates"]["Transformer"][block]["MultiHeadDotProductAttention_0"][
+            "attention_weights"
+        ]
+        (ref_w,) = want["intermediates"]["Transformer"][block]["MultiHeadDotProductAttention_0"][
+            "attention_weights"
+        ]
+        np.testing.assert_allclose(w, ref_w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch_chunks", [0, -1, 2.0, True, "2"])
+def test_batch_chunks_is_validated(batch_chunks):
+    with pytest.raises(ValueError, match="batch_chunks must be an integer >= 1"):
+        abstract_init(tiny_vit(batch_chunks=batch_chunks), VIT_IMAGE)
+
+
 # ----------------------------------------------------------------------------------------------
 # 6. Named intermediates.
 

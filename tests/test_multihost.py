@@ -5,10 +5,16 @@ The processes run `python -m vit_jax.main` with `--coordinator_address=127.0.0.1
 The run is a two-phase pretrain (8 px) → fine-tune (16 px) on the embedded digits, with dropout
 and mixup, so the per-process data slices, the global gradient mean, the per-device random keys,
 the checkpoints, the params.npz handed from phase to phase and the global eval all take part.
-The digits are read in one global order (`input_pipeline`), so both layouts see the same
-global batches and must end with the same params up to the order of the gradient sums.
+
+The 2-process run is interrupted as a cluster interrupts it: SIGTERM to one process, then (after
+a rerun) SIGKILL of one process, then a rerun to the end. The digits are read in one global
+order (`input_pipeline`), so it must end with the params of the uninterrupted 1-process run, up
+to the order of the gradient sums. (Bit-exact resume is tested in one process, in
+test_train_resume.py.)
 """
 
+import contextlib
+import dataclasses
 import os
 import re
 import signal
@@ -16,6 +22,8 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -64,7 +72,21 @@ def config_file(tmp_path_factory):
     return path
 
 
-def _group(config_file, workdir) -> list[TrainCommand]:
+@dataclasses.dataclass
+class _Interrupted:
+    """What the interrupted 2-process run did, launch by launch."""
+
+    one: TrainCommand  # the uninterrupted 1-process run
+    workdir: Path
+    stop_steps: list[int]  # the step each process stopped after, on SIGTERM to process 1
+    stop_returncodes: list[int]
+    kill_returncode: int  # process 0's, after process 1 was SIGKILLed
+    kill_wait_seconds: float
+    kill_stderr: str
+    final: list[TrainCommand]  # the rerun that finished
+
+
+def _group(config_file: Path, workdir: Path) -> list[TrainCommand]:
     return process_group(
         config_file,
         workdir,
@@ -74,31 +96,64 @@ def _group(config_file, workdir) -> list[TrainCommand]:
     )
 
 
+@contextlib.contextmanager
+def _started(group: list[TrainCommand]) -> Iterator[list[TrainCommand]]:
+    try:
+        for command in group:
+            command.start()
+        yield group
+    finally:
+        for command in group:
+            command.kill()
+
+
 @pytest.fixture(scope="module")
-def runs(config_file, tmp_path_factory):
-    """The uninterrupted runs, started together: {'one': [command], 'two': [commands]}."""
+def interrupted(config_file, tmp_path_factory) -> Iterator[_Interrupted]:
     root = tmp_path_factory.mktemp("runs")
-    one = [TrainCommand(config_file, root / "one", devices=PROCESSES * DEVICES_PER_PROCESS)]
-    two = _group(config_file, root / "two")
-    for command in one + two:
-        command.start()
-    for command in one + two:
-        assert command.wait() == 0, command.tail()
-    yield {"one": one, "two": two}
-    for command in one + two:
-        command.kill()
+    one = TrainCommand(config_file, root / "one", devices=PROCESSES * DEVICES_PER_PROCESS)
+    one.start()  # alongside the 2-process launches
+    workdir = root / "two"
+    checkpoints = workdir / "pretrain" / train.CHECKPOINT_DIR
+    try:
+        # SIGTERM to process 1 only.
+        with _started(_group(config_file, workdir)) as group:
+            wait_for(checkpoints / "5", group)
+            group[1].process.send_signal(signal.SIGTERM)
+            stop_returncodes = [c.wait() for c in group]
+        pattern = re.compile(r"Training stopped by SIGTERM after step (\d+)")
+        logs = [workdir / "pretrain" / n for n in (train.LOG_FILE, "train.process1.log")]
+        stopped = [pattern.search(p.read_text()) for p in logs]
+        assert all(stopped), [p.read_text()[-2000:] for p in logs]
+
+        # SIGKILL of process 1 after the next checkpoint.
+        with _started(_group(config_file, workdir)) as group:
+            wait_for(checkpoints / "10", group)
+            group[1].process.kill()
+            killed_at = time.monotonic()
+            kill_returncode = group[0].wait(timeout=HEARTBEAT_SECONDS + 60)
+            kill_wait_seconds = time.monotonic() - killed_at
+        kill_stderr = group[0].stderr.read_text()  # before the rerun writes the same file
+
+        # The same command again, to the end.
+        with _started(_group(config_file, workdir)) as final:
+            assert [c.wait() for c in final] == [0, 0], final[0].tail()
+        assert one.wait() == 0, one.tail()
+        yield _Interrupted(
+            one=one,
+            workdir=workdir,
+            stop_steps=[int(m[1]) for m in stopped],
+            stop_returncodes=stop_returncodes,
+            kill_returncode=kill_returncode,
+            kill_wait_seconds=kill_wait_seconds,
+            kill_stderr=kill_stderr,
+            final=final,
+        )
+    finally:
+        one.kill()
 
 
-def _params(command: TrainCommand, phase: str = "finetune"):
-    return checkpoint.load(command.workdir / phase / train.PARAMS_FILE)
-
-
-def _assert_close(a, b, atol: float) -> None:
-    """Equal up to the order of the gradient sums (1 process × 8 devices vs 2 × 4)."""
-    for (path, x), y in zip(
-        jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True
-    ):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=atol, err_msg=jax.tree_util.keystr(path))
+def _params(workdir: Path, phase: str):
+    return checkpoint.load(workdir / phase / train.PARAMS_FILE)
 
 
 def _final(command: TrainCommand) -> tuple[float, float, int]:
@@ -108,87 +163,53 @@ def _final(command: TrainCommand) -> tuple[float, float, int]:
     return float(match[1]), float(match[2]), int(match[3])
 
 
-def test_two_processes_train_what_one_process_trains(runs):
-    (one,), two = runs["one"], runs["two"]
+def test_sigterm_to_one_process_stops_all_after_the_same_step(interrupted):
+    step = interrupted.stop_steps[0]
+    assert interrupted.stop_returncodes == [128 + signal.SIGTERM] * PROCESSES
+    assert interrupted.stop_steps == [step] * PROCESSES and 5 < step < 10
+    assert (
+        f"Resuming from the checkpoint of step {step} "
+        in (interrupted.workdir / "pretrain" / train.LOG_FILE).read_text()
+    )
+
+
+def test_a_killed_process_ends_the_others_in_bounded_time(interrupted):
+    assert interrupted.kill_returncode != 0
+    assert interrupted.kill_wait_seconds < HEARTBEAT_SECONDS + 60
+    assert "another task died" in interrupted.kill_stderr, interrupted.kill_stderr[-3000:]
+
+
+def test_the_rerun_resumes_and_ends_with_the_one_process_params(interrupted):
+    log = interrupted.final[0].stderr.read_text()
+    resumed = re.search(r"Resuming from the checkpoint of step (\d+)", log)
+    assert resumed and int(resumed[1]) >= 10, log[-3000:]
     for phase in ("pretrain", "finetune"):
-        _assert_close(_params(two[0], phase), _params(one, phase), atol=1e-5)
-    accuracy, loss, count = _final(one)
-    for command in two:  # every process reports the global eval, every example counted once
+        two, one = _params(interrupted.workdir, phase), _params(interrupted.one.workdir, phase)
+        for (path, x), y in zip(
+            jax.tree_util.tree_leaves_with_path(two), jax.tree.leaves(one), strict=True
+        ):  # equal up to the order of the gradient sums
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=f"{phase}{path}")
+
+
+def test_every_process_reports_the_global_eval_of_every_example_once(interrupted):
+    accuracy, loss, count = _final(interrupted.one)
+    for command in interrupted.final:
         got_accuracy, got_loss, got_count = _final(command)
         assert got_count == count == TEST_EXAMPLES
         assert got_accuracy == pytest.approx(accuracy, abs=1 / TEST_EXAMPLES)
         assert got_loss == pytest.approx(loss, rel=1e-4)
 
 
-def test_one_writer_files_once_and_a_log_per_process(runs):
-    workdir = runs["two"][0].workdir
-    for phase in ("pretrain", "finetune"):
-        names = sorted(p.name for p in (workdir / phase).iterdir())
-        assert len([n for n in names if n.startswith("events.out.tfevents")]) == 1, names
-        assert train.PARAMS_FILE in names and train.CHECKPOINT_DIR in names
-        for log in (train.LOG_FILE, "train.process1.log"):
-            text = (workdir / phase / log).read_text()
-            assert "eval accuracy=" in text and f"count={TEST_EXAMPLES}" in text, log
-    checkpoints = sorted(int(p.name) for p in (workdir / "pretrain" / "checkpoints").iterdir())
-    assert checkpoints == [15, 20]  # keep_checkpoints=2, written once by orbax
-
-
-def test_stop_kill_and_resume_across_processes(config_file, runs, tmp_path):
-    """The pretraining phase alone: SIGTERM to one process, then SIGKILL, then a full rerun."""
-    pretrain_only, workdir = f"{config_file}:pretrain", tmp_path / "work"
-    checkpoints = workdir / "pretrain" / train.CHECKPOINT_DIR
-
-    # SIGTERM to process 1 only: both stop after the same step, and checkpoint it.
-    group = _group(pretrain_only, workdir)
-    try:
-        for command in group:
-            command.start()
-        wait_for(checkpoints / "5", group)
-        group[1].process.send_signal(signal.SIGTERM)
-        assert [c.wait() for c in group] == [128 + signal.SIGTERM] * 2, group[0].tail()
-    finally:
-        for command in group:
-            command.kill()
-    logs = [workdir / "pretrain" / n for n in (train.LOG_FILE, "train.process1.log")]
-    stopped = [
-        re.search(r"Training stopped by SIGTERM after step (\d+)", p.read_text()) for p in logs
-    ]
-    assert all(stopped), [p.read_text()[-2000:] for p in logs]
-    stop_step = int(stopped[0][1])
-    assert int(stopped[1][1]) == stop_step and 5 < stop_step < 10
-    assert max(int(p.name) for p in checkpoints.iterdir()) == stop_step
-
-    # SIGKILL of process 1: process 0 ends on its own, with JAX naming the cause, in bounded time.
-    group = _group(pretrain_only, workdir)
-    try:
-        for command in group:
-            command.start()
-        wait_for(checkpoints / "10", group)
-        group[1].process.kill()
-        killed_at = time.monotonic()
-        returncode = group[0].wait(timeout=HEARTBEAT_SECONDS + 60)
-        waited = time.monotonic() - killed_at
-    finally:
-        for command in group:
-            command.kill()
-    assert returncode != 0 and waited < HEARTBEAT_SECONDS + 60
-    assert "another task died" in group[0].stderr.read_text(), group[0].tail()
-
-    # The same command again resumes and ends where the uninterrupted run ended.
-    group = _group(pretrain_only, workdir)
-    try:
-        for command in group:
-            command.start()
-        assert [c.wait() for c in group] == [0, 0], group[0].tail()
-    finally:
-        for command in group:
-            command.kill()
-    log = group[0].stderr.read_text()
-    resumed = re.search(r"Resuming from the checkpoint of step (\d+)", log)
-    assert resumed and int(resumed[1]) >= 10, log[-3000:]
-    resumed, uninterrupted = _params(group[0], "pretrain"), _params(runs["two"][0], "pretrain")
-    for x, y in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted), strict=True):
-        np.testing.assert_array_equal(x, y)  # bit for bit
+def test_one_writer_files_once_and_a_log_per_process(interrupted):
+    finetune = interrupted.workdir / "finetune"  # reached by the final launch only
+    names = sorted(p.name for p in finetune.iterdir())
+    assert len([n for n in names if n.startswith("events.out.tfevents")]) == 1, names
+    assert train.PARAMS_FILE in names
+    for log in (train.LOG_FILE, "train.process1.log"):
+        text = (finetune / log).read_text()
+        assert "eval accuracy=" in text and f"count={TEST_EXAMPLES}" in text, log
+    checkpoints = sorted(int(p.name) for p in (finetune / train.CHECKPOINT_DIR).iterdir())
+    assert checkpoints == [5, 10]  # keep_checkpoints=2, written once by orbax
 
 
 _SLURM_PROBE = """

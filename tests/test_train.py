@@ -212,6 +212,7 @@ def test_nan_guard_names_the_first_bad_step_and_quantity():
         ({"compute_dtype": "float16"}, "Unknown compute_dtype='float16'"),
         ({"attention_impl": "flash"}, "Unknown attention_impl='flash'"),
         ({"remat_policy": "all"}, "Unknown remat_policy='all'"),
+        ({"batch_chunks": 0}, "batch_chunks must be an integer ≥ 1, got 0"),
         (
             {"model": common.model_config("Mixer-B_16"), "scan_layers": True},
             r"Mixer-B_16 takes compute_dtype only; unset \['scan'\]",
@@ -233,7 +234,7 @@ def test_config_errors_are_clear(overrides, message):
 
 
 def test_fast_model_options_train_to_the_reference_params(tmp_path):
-    """Fused attention + remat + scan (fp32) train like the reference; bf16 compute runs too.
+    """Fused attention + remat + scan + batch chunks (fp32) train like the reference; bf16 too.
 
     Every run starts from the same params.npz (scan would draw a different fresh init) with the
     head re-initialised to zeros, and without dropout, so the runs see identical arithmetic.
@@ -248,6 +249,7 @@ def test_fast_model_options_train_to_the_reference_params(tmp_path):
             "attention_impl": "xla",
             "remat_policy": "nothing_saveable",
             "scan_layers": True,
+            "batch_chunks": 2,
         },
         "bf16": {"compute_dtype": "bfloat16", "scan_layers": True},
     }

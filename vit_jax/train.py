@@ -179,7 +179,8 @@ def make_model(config: ml_collections.ConfigDict, num_classes: int):
 
 
 def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Constructor options from `compute_dtype`, `attention_impl`, `remat_policy`, `scan_layers`.
+    """Model options from `compute_dtype`, `attention_impl`, `remat_policy`, `scan_layers`,
+    `batch_chunks`.
 
     Only options that differ from the model's defaults are returned, so a Mixer (which has
     `dtype` only) is built unchanged unless it asks for bfloat16.
@@ -193,6 +194,8 @@ def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
         options["remat_policy"] = config.remat_policy
     if config.scan_layers:
         options["scan"] = True
+    if config.batch_chunks != 1:
+        options["batch_chunks"] = config.batch_chunks
     return options
 
 
@@ -887,11 +890,15 @@ def _check_model_options(config: ml_collections.ConfigDict) -> None:
     _check_choice("attention_impl", config.attention_impl, models_vit.ATTENTION_IMPLS)
     if config.remat_policy:
         _check_choice("remat_policy", config.remat_policy, models_vit.REMAT_POLICIES)
+    if isinstance(config.batch_chunks, bool) or not (
+        isinstance(config.batch_chunks, int) and config.batch_chunks >= 1
+    ):
+        raise ValueError(f"batch_chunks must be an integer ≥ 1, got {config.batch_chunks!r}.")
     vit_only = {k: v for k, v in model_options(config).items() if k != "dtype"}
     if vit_only and models.model_class(config.model.model_name) is not models.VisionTransformer:
         raise ValueError(
             f"{config.model.model_name} takes compute_dtype only; unset {sorted(vit_only)} "
-            "(attention_impl, remat_policy and scan_layers are ViT options)."
+            "(attention_impl, remat_policy, scan_layers and batch_chunks are ViT options)."
         )
     attention_dropout = config.model.get("transformer", {}).get("attention_dropout_rate", 0.0)
     if config.attention_impl != "flax" and attention_dropout:
