@@ -71,3 +71,15 @@ def test_chunks2_variant_keeps_the_reference_parameter_tree():
 
     assert benchmark.VARIANTS["chunks2"] == {"batch_chunks": 2}
     assert shapes("chunks2") == shapes("reference")
+
+
+def test_loss_curves_reads_the_train_loss_lines_of_train_log():
+    from benchmarks import loss_curves
+
+    log = (
+        "2026-11-21 09:21:10,684 INFO absl logging_writer.py:48] [1000] train/grad_norm=2.05, "
+        "train/img_per_sec_per_core=2747.55, train/loss=1.54134, train/lr=0.00231\n"
+        "2026-11-21 09:21:11,000 INFO absl logging_writer.py:48] [1000] eval/loss=9.5\n"
+        "2026-11-21 09:21:48,535 INFO absl logging_writer.py:48] [2000] train/loss=1.2e-05\n"
+    )
+    assert loss_curves.loss_curve(log) == {1000: 1.54134, 2000: 1.2e-05}
