@@ -34,6 +34,7 @@ from vit_jax import checkpoint, train
 
 PROCESSES, DEVICES_PER_PROCESS = 2, 4
 HEARTBEAT_SECONDS = 10  # how long the survivors wait for a dead process
+CHECKPOINT_EVERY = 5  # as in _CONFIG
 TEST_EXAMPLES = 360  # the digits' test split
 _FINAL = re.compile(r"final test accuracy ([\d.]+) \(top-5 [\d.]+, loss ([\d.]+), (\d+) examples\)")
 
@@ -50,7 +51,7 @@ _CONFIG = """
             "testing", patches={"size": (4, 4)}, transformer={"dropout_rate": 0.1}
         )
         c.update(batch_size=16, optimizer="sgd", base_lr=0.1, warmup_steps=3, mixup_alpha=0.2)
-        c.update(log_every=5, checkpoint_every=5, eval_every=10)
+        c.update(log_every=5, checkpoint_every=5, eval_every=10)  # CHECKPOINT_EVERY
         c.update(fields)
         return c
 
@@ -80,7 +81,8 @@ class _Interrupted:
     workdir: Path
     stop_steps: list[int]  # the step each process stopped after, on SIGTERM to process 1
     stop_returncodes: list[int]
-    kill_returncode: int  # process 0's, after process 1 was SIGKILLed
+    kill_after: int  # process 1 was SIGKILLed once the checkpoint of this step was complete
+    kill_returncode: int  # process 0's, after that
     kill_wait_seconds: float
     kill_stderr: str
     final: list[TrainCommand]  # the rerun that finished
@@ -117,7 +119,7 @@ def interrupted(config_file, tmp_path_factory) -> Iterator[_Interrupted]:
     try:
         # SIGTERM to process 1 only.
         with _started(_group(config_file, workdir)) as group:
-            wait_for(checkpoints / "5", group)
+            wait_for(checkpoints / str(CHECKPOINT_EVERY), group)
             group[1].process.send_signal(signal.SIGTERM)
             stop_returncodes = [c.wait() for c in group]
         pattern = re.compile(r"Training stopped by SIGTERM after step (\d+)")
@@ -126,8 +128,9 @@ def interrupted(config_file, tmp_path_factory) -> Iterator[_Interrupted]:
         assert all(stopped), [p.read_text()[-2000:] for p in logs]
 
         # SIGKILL of process 1 after the next checkpoint.
+        kill_after = (int(stopped[0][1]) // CHECKPOINT_EVERY + 1) * CHECKPOINT_EVERY
         with _started(_group(config_file, workdir)) as group:
-            wait_for(checkpoints / "10", group)
+            wait_for(checkpoints / str(kill_after), group)
             group[1].process.kill()
             killed_at = time.monotonic()
             kill_returncode = group[0].wait(timeout=HEARTBEAT_SECONDS + 60)
@@ -143,6 +146,7 @@ def interrupted(config_file, tmp_path_factory) -> Iterator[_Interrupted]:
             workdir=workdir,
             stop_steps=[int(m[1]) for m in stopped],
             stop_returncodes=stop_returncodes,
+            kill_after=kill_after,
             kill_returncode=kill_returncode,
             kill_wait_seconds=kill_wait_seconds,
             kill_stderr=kill_stderr,
@@ -166,7 +170,7 @@ def _final(command: TrainCommand) -> tuple[float, float, int]:
 def test_sigterm_to_one_process_stops_all_after_the_same_step(interrupted):
     step = interrupted.stop_steps[0]
     assert interrupted.stop_returncodes == [128 + signal.SIGTERM] * PROCESSES
-    assert interrupted.stop_steps == [step] * PROCESSES and 5 < step < 10
+    assert interrupted.stop_steps == [step] * PROCESSES and CHECKPOINT_EVERY < step < 15
     assert (
         f"Resuming from the checkpoint of step {step} "
         in (interrupted.workdir / "pretrain" / train.LOG_FILE).read_text()
@@ -182,7 +186,7 @@ def test_a_killed_process_ends_the_others_in_bounded_time(interrupted):
 def test_the_rerun_resumes_and_ends_with_the_one_process_params(interrupted):
     log = interrupted.final[0].stderr.read_text()
     resumed = re.search(r"Resuming from the checkpoint of step (\d+)", log)
-    assert resumed and int(resumed[1]) >= 10, log[-3000:]
+    assert resumed and int(resumed[1]) >= interrupted.kill_after, log[-3000:]
     for phase in ("pretrain", "finetune"):
         two, one = _params(interrupted.workdir, phase), _params(interrupted.one.workdir, phase)
         for (path, x), y in zip(
