@@ -15,6 +15,7 @@ test_train_resume.py.)
 
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -28,6 +29,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests._commands import REPO, TrainCommand, free_port, process_group, wait_for
 from vit_jax import checkpoint, train
@@ -217,19 +219,50 @@ def test_one_writer_files_once_and_a_log_per_process(interrupted):
 
 
 _SLURM_PROBE = """
+import json
+import sys
+
 import jax
 import numpy as np
 
-from vit_jax import multihost
+from vit_jax import input_pipeline, multihost
 
 multihost.initialize()  # what --distributed does: JAX reads the SLURM variables
 total = jax.pmap(lambda x: jax.lax.psum(x, "i"), "i")(np.ones(jax.local_device_count()))
-print(jax.process_index(), jax.process_count(), jax.device_count(), int(total[0]))
+
+decoded = []  # the files this process decodes to validate the folder
+check = input_pipeline._is_readable_image
+input_pipeline._is_readable_image = lambda path: decoded.append(path) or check(path)
+info = input_pipeline.get_dataset_info(
+    "folder:" + sys.argv[1],
+    train_split="train",
+    test_split="test",
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+)
+root = input_pipeline.os.path.abspath(sys.argv[1])
+kept = input_pipeline._scan_folder_split(
+    root, "train", info.class_names, jax.process_index(), jax.process_count()
+)[0]
+print(json.dumps({
+    "process": [jax.process_index(), jax.process_count(), jax.device_count(), int(total[0])],
+    "decoded": decoded,
+    "kept": list(kept),
+    "num_examples": info.num_examples,
+}))
 """
 
 
-def test_distributed_detects_a_slurm_job(tmp_path):
-    """`--distributed` under `srun`: coordinator, count and index come from SLURM's variables."""
+@pytest.fixture(scope="module")
+def slurm_probes(tmp_path_factory) -> list[dict]:
+    """2 processes under fake `srun` variables: start-up, a psum, an image folder's validation."""
+    root = tmp_path_factory.mktemp("folder")
+    for split, count in (("train", 5), ("test", 1)):
+        for label in ("cat", "dog"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (6, 5), (40 * i, 0, 0)).save(root / split / label / f"{i}.png")
+    (root / "train" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     env = {
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
@@ -243,7 +276,7 @@ def test_distributed_detects_a_slurm_job(tmp_path):
     }
     probes = [
         subprocess.Popen(
-            [sys.executable, "-c", _SLURM_PROBE],
+            [sys.executable, "-c", _SLURM_PROBE, str(root)],
             env={**env, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -252,6 +285,23 @@ def test_distributed_detects_a_slurm_job(tmp_path):
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=120) for p in probes]
-    for index, (probe, (stdout, stderr)) in enumerate(zip(probes, outputs, strict=True)):
+    for probe, (_, stderr) in zip(probes, outputs, strict=True):
         assert probe.returncode == 0, stderr[-3000:]
-        assert stdout.splitlines()[-1].split() == [str(index), "2", "4", "4"]  # after gloo's
+    return [json.loads(stdout.splitlines()[-1]) for stdout, _ in outputs]  # after gloo's lines
+
+
+def test_distributed_detects_a_slurm_job(slurm_probes):
+    """`--distributed` under `srun`: coordinator, count and index come from SLURM's variables."""
+    assert [p["process"] for p in slurm_probes] == [[0, 2, 4, 4], [1, 2, 4, 4]]
+
+
+def test_processes_split_an_image_folders_validation(slurm_probes):
+    """Each process decodes its share of the 13 files; all get the same 10 readable ones."""
+    decoded = [set(p["decoded"]) for p in slurm_probes]
+    assert not decoded[0] & decoded[1]
+    assert sorted(len(d) for d in decoded) == [6, 7]  # 11 train + 2 test files, split
+    kept = slurm_probes[0]["kept"]
+    assert slurm_probes[1]["kept"] == kept
+    assert any(path.endswith("broken.jpg") for path in decoded[0] | decoded[1])
+    assert len(kept) == 10 and not any(path.endswith("broken.jpg") for path in kept)
+    assert all(p["num_examples"] == {"train": 10, "test": 2} for p in slurm_probes)

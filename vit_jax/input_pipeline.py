@@ -21,8 +21,9 @@ absolute stream position, so `start_step=k` reproduces an uninterrupted stream f
   the process count.
 
 It does not own device placement (beyond the small `prefetch_to_device` helper), the training
-loop, or metrics. Image folders are validated once per process (every file is decoded once by
-Pillow; the result is cached for the process lifetime).
+loop, or metrics. Image folders are validated once per process lifetime (every file is decoded
+once by Pillow; in a multi-process JAX run each process decodes its share of the files and the
+verdicts are all-gathered).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class _Source:
     max_process_examples: int  # the most any process holds (eval pads every process to it)
     num_classes: int
     class_names: tuple[str, ...] | None
+    total_examples: int  # of the whole split, all processes
     # The whole split (all processes) as (raw images or paths, int64 labels), when it is held in
     # memory and so addressable by index: training then reads it in one global order.
     arrays: tuple[np.ndarray, np.ndarray] | None = None
@@ -113,14 +115,26 @@ def get_dataset_info(
     data_dir: str | None = None,
     manual_dir: str | None = None,
     download: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> DatasetInfo:
-    """Number of classes, class names and the example count of both splits (all processes)."""
+    """Number of classes, class names and the example count of both splits (all processes).
+
+    In a multi-process JAX run, pass this process's `process_index`/`process_count` and call it
+    on every process at once: an image folder's validation is then split between them.
+    """
     counts = {}
     for split in (train_split, test_split):
         source = _load_source(
-            dataset, split, data_dir=data_dir, manual_dir=manual_dir, download=download
+            dataset,
+            split,
+            process_index=process_index,
+            process_count=process_count,
+            data_dir=data_dir,
+            manual_dir=manual_dir,
+            download=download,
         )
-        counts[split] = source.num_examples
+        counts[split] = source.total_examples
     return DatasetInfo(
         name=dataset,
         num_classes=source.num_classes,
@@ -254,6 +268,11 @@ def get_eval_iterator(
     ds = ds.map(functools.partial(_shard, devices=local_device_count, per_device=per_device))
     ds = ds.prefetch(2).with_options(_options())
     return EvalBatches(ds, num_batches=num_batches, num_examples=source.num_examples)
+
+
+def needs_preparation(dataset: str) -> bool:
+    """Whether `dataset` is a tfds dataset (downloaded and prepared on first use)."""
+    return not (dataset == DIGITS or dataset.startswith(FOLDER_PREFIX))
 
 
 def prefetch_to_device(iterator: Iterable[Batch], size: int = 2) -> Iterator[Any]:
@@ -441,7 +460,9 @@ def _from_arrays(
     own, most = _process_slice(len(labels), process_index, process_count)
     own_part = slice(process_index, None, process_count)
     ds = tf.data.Dataset.from_tensor_slices({"image": images[own_part], "label": labels[own_part]})
-    return _Source(ds, decode, own, most, len(class_names), class_names, (images, labels))
+    return _Source(
+        ds, decode, own, most, len(class_names), class_names, len(labels), (images, labels)
+    )
 
 
 def _digits_source(split: str, process_index: int, process_count: int) -> _Source:
@@ -476,7 +497,9 @@ def _folder_source(root: str, split: str, process_index: int, process_count: int
     if split not in FOLDER_SPLITS:
         raise ValueError(f"Image folder {root!r} has splits {FOLDER_SPLITS}, got {split!r}.")
     class_names = _folder_classes(root)
-    paths, labels = _scan_folder_split(os.path.abspath(root), split, class_names)
+    paths, labels = _scan_folder_split(
+        os.path.abspath(root), split, class_names, process_index, process_count
+    )
     return _from_arrays(
         np.array(paths),
         np.array(labels, np.int64),
@@ -505,9 +528,16 @@ def _folder_classes(root: str) -> tuple[str, ...]:
 
 @functools.cache
 def _scan_folder_split(
-    root: str, split: str, class_names: tuple[str, ...]
+    root: str,
+    split: str,
+    class_names: tuple[str, ...],
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> tuple[tuple[str, ...], tuple[int, ...]]:
-    """Readable image files and labels of one split; bad files are skipped and reported once."""
+    """Readable image files and labels of one split; bad files are skipped and reported once.
+
+    The same on every process (training reads the split in one global order).
+    """
     split_dir = os.path.join(root, split)
     unknown = sorted(
         e.name
@@ -523,8 +553,7 @@ def _scan_folder_split(
         if not files:
             raise ValueError(f"Class folder {class_dir!r} is missing or has no files.")
         candidates += [(path, label) for path in files]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-        readable = list(pool.map(_is_readable_image, [p for p, _ in candidates]))
+    readable = _readable([p for p, _ in candidates], process_index, process_count)
     kept = [c for c, ok in zip(candidates, readable, strict=True) if ok]
     skipped = [p for (p, _), ok in zip(candidates, readable, strict=True) if not ok]
     if skipped:
@@ -541,6 +570,40 @@ def _scan_folder_split(
             class_dir = os.path.join(split_dir, name)
             raise ValueError(f"Class folder {class_dir!r} has no readable images.")
     return tuple(p for p, _ in kept), tuple(lab for _, lab in kept)
+
+
+def _readable(paths: list[str], process_index: int, process_count: int) -> list[bool]:
+    """Whether each file decodes, decided by decoding it.
+
+    In a multi-process JAX run (`jax.process_count() == process_count > 1`), process i decodes
+    files i, i + n, … only and the verdicts are all-gathered, so a folder of millions of images
+    costs each host its share. Otherwise (one process, or processes simulated in one) all of them.
+    """
+    if process_count == 1 or not _in_multiprocess_run(process_count):
+        return _decode_check(paths)
+    from jax.experimental import multihost_utils  # only this path needs jax
+
+    own = _decode_check(paths[process_index::process_count])
+    width = math.ceil(len(paths) / process_count)
+    padded = np.zeros([width], np.uint8)
+    padded[: len(own)] = own
+    gathered = np.asarray(multihost_utils.process_allgather(padded))  # [process_count, width]
+    readable = [False] * len(paths)
+    for index in range(process_count):
+        share = len(range(index, len(paths), process_count))
+        readable[index::process_count] = [bool(v) for v in gathered[index, :share]]
+    return readable
+
+
+def _in_multiprocess_run(process_count: int) -> bool:
+    import jax
+
+    return jax.process_count() == process_count
+
+
+def _decode_check(paths: list[str]) -> list[bool]:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(_is_readable_image, paths))
 
 
 def _list_files(directory: str) -> list[str]:
@@ -625,6 +688,7 @@ def _tfds_source(
         max(own, math.ceil(total / process_count)),
         label.num_classes,
         names,
+        total,
     )
 
 

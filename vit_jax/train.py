@@ -836,10 +836,11 @@ def _pipeline_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _dataset_info(config: ml_collections.ConfigDict) -> input_pipeline.DatasetInfo:
-    """The dataset's info, read by process 0 before the others.
+    """The dataset's info; a tfds dataset's is read by process 0 before the others.
 
     A tfds dataset not prepared yet is so downloaded and prepared by one process, not by every
-    process at once into the same data_dir.
+    process at once into the same data_dir. An image folder is validated by all processes
+    together (each decodes its share of the files).
     """
 
     def info():
@@ -849,8 +850,12 @@ def _dataset_info(config: ml_collections.ConfigDict) -> input_pipeline.DatasetIn
             test_split=config.test_split,
             data_dir=config.data_dir or None,
             manual_dir=config.manual_dir or None,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
         )
 
+    if not input_pipeline.needs_preparation(config.dataset):
+        return info()
     if multihost.is_main_process():
         result = info()
     multihost.barrier("dataset-prepared")
