@@ -347,9 +347,22 @@ def _global_order(
     own = slice(process_index * per_host, (process_index + 1) * per_host)
     ds = tf.data.Dataset.range(first // n, np.iinfo(np.int64).max).flat_map(epoch)
     ds = ds.skip(first % n).batch(global_batch_size).map(lambda p, i: (p[own], i[own])).unbatch()
-    images, labels = tf.constant(images), tf.constant(labels)
+    labels = tf.constant(labels)
+    if images.dtype.kind in "US":  # file paths: looked up in Python, not embedded in the graph
+        paths = images.astype(np.bytes_)  # (a folder of millions would near protobuf's 2 GB)
+
+        def image_at(i):
+            path = tf.numpy_function(lambda j: paths[j], [i], tf.string, stateful=False)
+            path.set_shape([])
+            return path
+    else:
+        images = tf.constant(images)
+
+        def image_at(i):
+            return tf.gather(images, i)
+
     return ds.map(
-        lambda p, i: (p, {"image": tf.gather(images, i), "label": tf.gather(labels, i)}),
+        lambda p, i: (p, {"image": image_at(i), "label": tf.gather(labels, i)}),
         num_parallel_calls=_TRAIN_PARALLEL_CALLS,
     )
 
