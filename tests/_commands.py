@@ -19,6 +19,17 @@ REPO = Path(__file__).resolve().parent.parent
 WAIT_SECONDS = 240  # the longest any test command may take
 
 
+def subprocess_env(devices: int) -> dict[str, str]:
+    """The environment for a Python subprocess of the tests: CPU only, `devices` fake devices,
+    the repository importable (and the compilation cache of conftest.py, inherited)."""
+    return {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+
+
 class TrainCommand:
     """`python -m vit_jax.main --config=F[:args] --workdir=W [args]` on `devices` fake CPU devices.
 
@@ -37,12 +48,7 @@ class TrainCommand:
         self.workdir = workdir
         self.args = [sys.executable, "-m", "vit_jax.main", f"--config={config_file}"]
         self.args += [f"--workdir={workdir}", *args]
-        self.env = {
-            **os.environ,
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-            "JAX_PLATFORMS": "cpu",
-            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-        }
+        self.env = subprocess_env(devices)
         self.stdout = workdir.with_name(f"{workdir.name}.{name}.out")
         self.stderr = workdir.with_name(f"{workdir.name}.{name}.err")
         self.process: subprocess.Popen | None = None

@@ -16,17 +16,17 @@ with warnings.catch_warnings():  # ml_collections loads the default config with 
     warnings.filterwarnings("ignore", "the load_module", DeprecationWarning)
     from vit_jax import main
 
+from tests._commands import REPO, subprocess_env
+
 TIMEOUT_S = 120  # generous: the subprocess imports jax and TensorFlow on a busy 2-core CPU
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     """`python -m vit_jax.main ARGS` from the repo root (relative config paths resolve there)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     return subprocess.run(
         [sys.executable, "-m", "vit_jax.main", *args],
         cwd=REPO,
-        env=env,
+        env=subprocess_env(devices=8),
         capture_output=True,
         text=True,
         timeout=TIMEOUT_S,
@@ -43,7 +43,11 @@ def test_default_config_is_the_module_configs_default():
 @pytest.mark.parametrize(
     ("config", "override", "hint"),
     [
-        ([], "--config.batchsize=3", ""),  # the default config, parsed at import
+        (  # the default config (parsed at import), a key of one of its phases
+            [],
+            "--config.finetune.batchsize=7",
+            'Did you mean "batch_size" instead of "batchsize"?',
+        ),
         (
             ["--config=configs/finetune.py:testing,cifar10"],
             "--config.batchsize=3",
@@ -56,9 +60,8 @@ def test_unknown_config_key_fails_in_one_line_naming_it(tmp_path, config, overri
     workdir = tmp_path / "run"
     result = _cli(f"--workdir={workdir}", *config, override)
     assert result.returncode == 1
-    assert "Unknown config key --config.batchsize: the config declares no 'batchsize'." in (
-        result.stderr
-    )
+    flag = override.split("=")[0]
+    assert f"Unknown config key {flag}: the config declares no 'batchsize'." in result.stderr
     assert hint in result.stderr
     assert "Traceback" not in result.stderr
     assert not workdir.exists()  # nothing ran

@@ -16,7 +16,6 @@ test_train_resume.py.)
 import contextlib
 import dataclasses
 import json
-import os
 import re
 import signal
 import subprocess
@@ -31,8 +30,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests._commands import REPO, TrainCommand, free_port, process_group, wait_for
-from vit_jax import checkpoint, train
+from tests._commands import (
+    TrainCommand,
+    free_port,
+    process_group,
+    subprocess_env,
+    wait_for,
+)
+from vit_jax import checkpoint, multihost, train
 
 PROCESSES, DEVICES_PER_PROCESS = 2, 4
 HEARTBEAT_SECONDS = 10  # how long the survivors wait for a dead process
@@ -61,7 +66,7 @@ _CONFIG = """
     def get_config(phases="pretrain,finetune"):
         config = ml_collections.ConfigDict()
         config.phases = tuple(phases.split(","))
-        config.pretrain = _phase(image_size=8, total_steps=20)
+        config.pretrain = _phase(image_size=8, total_steps=30)
         config.finetune = _phase(image_size=16, total_steps=10, pretrained="phase:pretrain")
         config.lock()
         return config
@@ -172,7 +177,9 @@ def _final(command: TrainCommand) -> tuple[float, float, int]:
 def test_sigterm_to_one_process_stops_all_after_the_same_step(interrupted):
     step = interrupted.stop_steps[0]
     assert interrupted.stop_returncodes == [128 + signal.SIGTERM] * PROCESSES
-    assert interrupted.stop_steps == [step] * PROCESSES and CHECKPOINT_EVERY < step < 15
+    # checked every STOP_CHECK_EVERY steps, agreed at the next check
+    assert interrupted.stop_steps == [step] * PROCESSES and CHECKPOINT_EVERY < step < 30
+    assert step % multihost.STOP_CHECK_EVERY == 0
     assert (
         f"Resuming from the checkpoint of step {step} "
         in (interrupted.workdir / "pretrain" / train.LOG_FILE).read_text()
@@ -264,10 +271,7 @@ def slurm_probes(tmp_path_factory) -> list[dict]:
                 Image.new("RGB", (6, 5), (40 * i, 0, 0)).save(root / split / label / f"{i}.png")
     (root / "train" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        **subprocess_env(devices=2),
         "SLURM_JOB_ID": "4242",
         "JAX_COORDINATOR_PORT": str(free_port()),  # instead of one derived from the job id
         "SLURM_STEP_NODELIST": "localhost",

@@ -17,7 +17,6 @@ import ast
 import base64
 import copy
 import io
-import os
 import re
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 from PIL import Image
 
+from tests._commands import subprocess_env
 from vit_jax import checkpoint, models, predict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,10 +87,7 @@ def with_parameters(nb: nbformat.NotebookNode, values: dict) -> nbformat.Noteboo
 
 
 def kernel_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES}"
-    env["JAX_PLATFORMS"] = "cpu"
+    env = subprocess_env(DEVICES)
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     env.pop("MPLBACKEND", None)  # ipykernel then picks the inline backend: figures → image/png
     return env

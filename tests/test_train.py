@@ -1,8 +1,6 @@
 """Tests for vit_jax/train.py and vit_jax/main.py on 8 fake CPU devices (see conftest.py)."""
 
 import functools
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -212,7 +210,7 @@ def test_nan_guard_names_the_first_bad_step_and_quantity():
         ({"compute_dtype": "float16"}, "Unknown compute_dtype='float16'"),
         ({"attention_impl": "flash"}, "Unknown attention_impl='flash'"),
         ({"remat_policy": "all"}, "Unknown remat_policy='all'"),
-        ({"batch_chunks": 0}, "batch_chunks must be an integer ≥ 1, got 0"),
+        ({"batch_chunks": 0}, "batch_chunks must be an integer >= 1, got 0"),
         (
             {"model": common.model_config("Mixer-B_16"), "scan_layers": True},
             r"Mixer-B_16 takes compute_dtype only; unset \['scan'\]",
@@ -274,18 +272,11 @@ def test_phase_order_is_checked(tmp_path):
         train.train_phases(config, str(tmp_path))
 
 
-def test_configs_are_locked_and_unknown_overrides_fail(tmp_path):
+def test_configs_are_locked():  # the command line's side: tests/test_main.py
     with pytest.raises(AttributeError, match="batchsize"):
         common.get_config().batchsize = 3
     with pytest.raises(AttributeError, match="batchsize"):
         default_config.get_config().finetune.batchsize = 3
-    command = [sys.executable, "-m", "vit_jax.main", f"--workdir={tmp_path}"]
-    result = subprocess.run(
-        [*command, "--config.finetune.batchsize=7"], capture_output=True, text=True, check=False
-    )
-    assert result.returncode != 0
-    assert 'Did you mean "batch_size" instead of "batchsize"' in result.stderr
-    assert not any(tmp_path.iterdir())  # nothing ran
 
 
 def test_default_config_is_valid():

@@ -578,8 +578,9 @@ def _scan_folder_split(
         )
     if not kept:
         raise ValueError(f"Image folder {split_dir!r} has no readable images.")
+    present = {lab for _, lab in kept}  # one pass: a folder may hold millions of files
     for label, name in enumerate(class_names):
-        if not any(lab == label for _, lab in kept):
+        if label not in present:
             class_dir = os.path.join(split_dir, name)
             raise ValueError(f"Class folder {class_dir!r} has no readable images.")
     return tuple(p for p, _ in kept), tuple(lab for _, lab in kept)

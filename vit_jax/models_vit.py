@@ -292,10 +292,10 @@ class VisionTransformer(nn.Module):
       scan: run the encoder blocks with `nn.scan` (stacked parameters, faster compile).
       batch_chunks: an int >= 1 (anything else is a ValueError): run the encoder once per
         equal slice of the batch, this many slices (gcd with the batch size; 1 = whole batch,
-        the default). It exists for speed on XLA:CPU: with two half-batches a ViT-B/16 train
-        step at 224 px ran 1.30x faster and ViT-Ti/16 inference 1.26x (batch 8, 2 cores,
-        2026-11-21, benchmarks/RESULTS.md; Ti/16 training gained ~nothing), presumably as
-        the smaller slices' activations stay in cache. Outputs and gradients are the
+        the default). It exists for speed on XLA:CPU, where two half-batches ran the B/16 train
+        step and Ti/16 inference faster than one whole batch (benchmarks/RESULTS.md has the
+        figures and commands), presumably as the smaller slices' activations stay in cache.
+        Outputs and gradients are the
         whole-batch pass's up to fp32 rounding (summation order); dropout masks differ from a
         whole-batch pass. Not applied when intermediates are collected.
     """

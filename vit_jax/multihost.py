@@ -23,10 +23,11 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-# How many steps late each process reads the agreed stop flag: the flag of step s is read after
-# step s + _STOP_LAG has been dispatched, when its (tiny) collective has long finished, so the
-# check never waits on the device.
-_STOP_LAG = 2
+# Steps between two checks of the agreed stop flag. The flag entered at one check is read at the
+# next, so the training loop adds one tiny global collective per _STOP_CHECK_EVERY steps (not per
+# step) and the host may run that far ahead of the device; a stop comes at most
+# 2 × _STOP_CHECK_EVERY steps after the signal.
+STOP_CHECK_EVERY = 5
 _LOG = logging.getLogger(__name__)
 
 
@@ -74,23 +75,26 @@ def barrier(name: str) -> None:
 class AgreedStop:
     """Turns the local 'a signal arrived' into a step at which every process stops.
 
-    Each step, `poll(signum)` enters this process's signal number (0 for none) into a global
-    max over all devices and returns the max entered `_STOP_LAG` steps earlier: the same value
-    on every process at the same step, so all of them stop (and checkpoint) together. With one
-    process there is nothing to agree on and the local signal is returned at once.
+    At every step that is a multiple of `STOP_CHECK_EVERY` (the same steps on every process),
+    `poll(step, signum)` enters this process's signal number (0 for none) into a global max over
+    all devices and returns the max entered at the previous such step: the same value on every
+    process at the same step, so all of them stop (and checkpoint) together. With one process
+    there is nothing to agree on and the local signal is returned at once.
     """
 
     def __init__(self):
         self._single = jax.process_count() == 1
-        self._pending: list[jax.Array] = []
+        self._pending: jax.Array | None = None  # the max entered at the previous check
         self._global_max = jax.pmap(lambda x: jax.lax.pmax(x, "processes"), "processes")
 
-    def poll(self, signum: int | None) -> int | None:
+    def poll(self, step: int, signum: int | None) -> int | None:
         if self._single:
             return signum
-        local = np.full([jax.local_device_count()], signum or 0, np.int32)
-        self._pending.append(self._global_max(local))
-        if len(self._pending) <= _STOP_LAG:
+        if step % STOP_CHECK_EVERY:
             return None
-        agreed = int(jax.device_get(self._pending.pop(0))[0])
-        return agreed or None
+        previous = self._pending
+        local = np.full([jax.local_device_count()], signum or 0, np.int32)
+        self._pending = self._global_max(local)
+        if previous is None:
+            return None
+        return int(jax.device_get(previous)[0]) or None
