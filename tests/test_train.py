@@ -211,6 +211,7 @@ def test_nan_guard_names_the_first_bad_step_and_quantity():
         ({"attention_impl": "flash"}, "Unknown attention_impl='flash'"),
         ({"remat_policy": "all"}, "Unknown remat_policy='all'"),
         ({"batch_chunks": 0}, "batch_chunks must be an integer >= 1, got 0"),
+        ({"optimizer": "sgd", "weight_decay": 0.1}, "optimizer 'sgd' takes no weight_decay"),
         (
             {"model": common.model_config("Mixer-B_16"), "scan_layers": True},
             r"Mixer-B_16 takes compute_dtype only; unset \['scan'\]",
@@ -263,6 +264,16 @@ def test_fast_model_options_train_to_the_reference_params(tmp_path):
     np.testing.assert_allclose(fast, ref, atol=1e-5)
     bf16_delta = float(np.abs(bf16 - ref).max())
     assert 1e-6 < bf16_delta < 0.05  # really computed in bf16, and still the same training
+
+
+def test_missing_pretrained_file_fails_before_reading_the_dataset(tmp_path, monkeypatch):
+    def no_dataset(config):
+        raise AssertionError("the dataset was read before the pretrained path was checked")
+
+    monkeypatch.setattr(train, "_dataset_info", no_dataset)
+    missing = tmp_path / "ViT-B_16.npz"
+    with pytest.raises(FileNotFoundError, match=r"Checkpoint not found: .*ViT-B_16\.npz"):
+        train.train_and_evaluate(tiny_config(pretrained=str(missing)), str(tmp_path / "run"))
 
 
 def test_phase_order_is_checked(tmp_path):

@@ -56,6 +56,12 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------- reading / writing
 
 
+def check_exists(path: str | os.PathLike) -> None:
+    """FileNotFoundError naming `path` and where the released files are, if it is missing."""
+    if not epath.Path(path).exists():
+        raise FileNotFoundError(f"Checkpoint not found: {os.fspath(path)!r}. {RELEASED_FILES_HINT}")
+
+
 def load(path: str | os.PathLike) -> Params:
     """Reads a released-format `.npz` into a nested dict of NumPy arrays (current Linen names).
 
@@ -63,8 +69,7 @@ def load(path: str | os.PathLike) -> Params:
     (1, 1, 1, C)) and files already in the current numbering. Never unpickles anything.
     """
     path = epath.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"Checkpoint not found: {os.fspath(path)!r}. {RELEASED_FILES_HINT}")
+    check_exists(path)
     if path.is_dir():
         raise CheckpointError(
             f"Checkpoint path {os.fspath(path)!r} is a directory; expected a released-format .npz "

@@ -167,7 +167,7 @@ def validate_config(
         if config[key] < 0:
             raise ValueError(f"{key} must be ≥ 0 (0 = only at the end), got {config[key]}.")
     _check_patch_grid(config.model, config.image_size)
-    make_schedule(config)  # checks lr, warmup and total steps
+    make_optimizer(config, make_schedule(config))  # lr, warmup, steps, optimizer options
 
 
 def make_model(config: ml_collections.ConfigDict, num_classes: int):
@@ -548,10 +548,12 @@ def _run(
     writer: metric_writers.MetricWriter,
     checkpoints: Checkpoints,
 ) -> tuple[TrainState, Metrics]:
+    resuming = bool(checkpoints.steps())
+    if config.pretrained and not resuming:  # before a dataset download, not after
+        checkpoint.check_exists(_pretrained_file(config.pretrained))
     info = _dataset_info(config)
     model = make_model(config, info.num_classes)
     schedule = make_schedule(config)
-    resuming = bool(checkpoints.steps())
     state = create_state(config, model, schedule, load_pretrained=not resuming)
     rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
     start_step = 0
