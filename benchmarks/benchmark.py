@@ -9,6 +9,7 @@ another, so their ratios are comparable on a noisy machine; every time is the me
 Columns:
   train img/s    the real pmap'd training step (`train.train_step`: loss, grads, pmean, SGD with
                  momentum and clipping) over all local devices, global batch `--batch`;
+  train × q1–q3  the quartiles of the round-by-round speed-up over the reference (see below);
   infer img/s    jit'd `model.apply(train=False)` on one device, batch `--batch`;
   compile s      lowering + XLA compilation of the train step;
   peak MiB       the compiled train step's device memory: arguments + outputs + temporaries −
@@ -19,7 +20,10 @@ Columns:
                  not model work);
   MFU            on an accelerator with a known peak: GFLOP/img × train img/s ÷ (peak × devices),
                  against the dense bf16 peak.
-Ratios (× ref) compare with the reference row of the same model and resolution.
+Ratios (×) compare with the reference row of the same model and resolution. For the timed
+columns the ratio is the median over rounds of (reference time ÷ this row's time) within the same
+round: taken back to back, the two times share the machine's mood, so on a noisy VM the paired
+ratio and its quartiles hold far better than a ratio of two medians.
 
 With `timm` and `torch` importable, `--timm` adds timm's equivalent model (same sizes,
 tanh-GELU) trained with torch SGD in fp32 on the CPU, as a `timm` row.
@@ -64,7 +68,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bf16_remat": {"dtype": jnp.bfloat16, "remat_policy": "nothing_saveable"},
     "bf16_scan_remat": {"dtype": jnp.bfloat16, "scan": True, "remat_policy": "nothing_saveable"},
     "chunks2": {"batch_chunks": 2},
+    "chunks4": {"batch_chunks": 4},
+    "bf16_cudnn": {"dtype": jnp.bfloat16, "attention_impl": "cudnn"},
 }
+GPU_ONLY_VARIANTS = ("bf16_cudnn",)  # cuDNN's fused attention exists on NVIDIA GPUs only
 # Dense bf16 peak FLOP/s per device, by substrings of `device_kind` (vendor data sheets).
 PEAK_FLOPS = {
     "H200": 989e12,
@@ -90,6 +97,9 @@ class Row:
     peak_mib: float | None = None
     gflop_per_img: float | None = None
     mfu: float | None = None
+    # Speed-ups over the reference row from rounds timed in turns: (median, q1, q3).
+    train_vs_ref: tuple[float, ...] | None = None
+    infer_vs_ref: tuple[float, ...] | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,11 +176,11 @@ def prepare(name: str, resolution: int, variant: str, batch: int) -> Prepared:
 
 def round_robin_seconds(
     calls: Sequence[Callable[[], Any]], repeats: int, warmup: int = 2
-) -> list[float]:
-    """Median wall time of each call, timed in turns (a, b, c, a, b, c, ...).
+) -> list[list[float]]:
+    """Wall times of every call over `repeats` rounds, timed in turns (a, b, c, a, b, c, ...).
 
-    Taking turns spreads a noisy machine's slow spells over every variant, so the ratios
-    between them hold better than when each is timed in one block.
+    Taking turns spreads a noisy machine's slow spells over every variant, and round r of
+    each call can be compared with round r of the others (`paired_ratios`).
     """
     for call in calls:
         for _ in range(warmup):
@@ -181,7 +191,20 @@ def round_robin_seconds(
             start = time.perf_counter()
             call()
             times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+    return times
+
+
+def paired_ratios(reference: Sequence[float], times: Sequence[float]) -> tuple[float, ...]:
+    """Speed-up over the reference, round by round: (median, lower quartile, upper quartile).
+
+    A ratio of two times taken one after the other cancels most of a slow spell, so these
+    quartiles say how sure a ratio is on a noisy machine.
+    """
+    ratios = [r / t for r, t in zip(reference, times, strict=True)]
+    if len(ratios) < 2:
+        return (ratios[0],) * 3
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return median, q1, q3
 
 
 def measure_model(
@@ -195,8 +218,13 @@ def measure_model(
             prepared.append(timm_prepared)
     train_s = round_robin_seconds([p.run_train for p in prepared], repeats)
     infer_s = round_robin_seconds([p.run_infer for p in prepared], repeats)
+    ref = next((i for i, p in enumerate(prepared) if p.row.variant == "reference"), None)
     for p, t, i in zip(prepared, train_s, infer_s, strict=True):
-        p.row.train_ips, p.row.infer_ips = batch / t, batch / i
+        p.row.train_ips = batch / statistics.median(t)
+        p.row.infer_ips = batch / statistics.median(i)
+        if ref is not None:
+            p.row.train_vs_ref = paired_ratios(train_s[ref], t)
+            p.row.infer_vs_ref = paired_ratios(infer_s[ref], i)
     return [p.row for p in prepared]
 
 
@@ -247,6 +275,31 @@ def prepare_timm(name: str, resolution: int, batch: int) -> Prepared | None:
 
     model.train()
     return Prepared(Row(f"{name}@{resolution}", "timm (torch fp32)"), run_train, run_infer)
+
+
+def attention_agreement(
+    name: str, resolution: int, batch: int, impl: str, dtype: Any = jnp.bfloat16
+) -> tuple[float, float]:
+    """Features of `impl` attention against XLA's: (largest |difference|, largest |XLA value|).
+
+    Same parameters and images for both; the model's features (no head: a fresh head is all
+    zeros and would hide any difference).
+    """
+
+    def features(attention_impl: str):
+        return models.get_model(name, num_classes=0, dtype=dtype, attention_impl=attention_impl)
+
+    images = jax.random.uniform(jax.random.PRNGKey(0), (batch, resolution, resolution, 3))
+    images = images * 2 - 1
+    params = jax.jit(features("xla").init, static_argnames="train")(
+        jax.random.PRNGKey(1), images[:1], train=False
+    )
+    outputs = [
+        jax.jit(features(i).apply, static_argnames="train")(params, images, train=False)
+        for i in (impl, "xla")
+    ]
+    got, want = (np.asarray(o, np.float32) for o in outputs)
+    return float(np.max(np.abs(got - want))), float(np.max(np.abs(want)))
 
 
 def measure_data(resolution: int, batch: int, steps: int) -> float:
@@ -337,6 +390,17 @@ def _ratio(value: float | None, ref: float | None, invert: bool = False) -> str:
     return f" ({ratio:.2f}×)"
 
 
+def _speed(ips: float | None, ref_ips: float | None, vs_ref: tuple[float, ...] | None) -> str:
+    """img/s with its speed-up: the paired median when measured in turns, else a plain ratio."""
+    if vs_ref is None:
+        return _fmt(ips, ".1f") + _ratio(ips, ref_ips)
+    return f"{_fmt(ips, '.1f')} ({vs_ref[0]:.2f}×)"
+
+
+def _spread(vs_ref: tuple[float, ...] | None) -> str:
+    return "-" if vs_ref is None else f"{vs_ref[1]:.2f}–{vs_ref[2]:.2f}"
+
+
 def use_model_flops(rows: list[Row]) -> None:
     """Gives every row its reference row's FLOPs per image, and the MFU that follows."""
     refs = {r.model: r for r in rows if r.variant == "reference"}
@@ -354,8 +418,9 @@ def use_model_flops(rows: list[Row]) -> None:
 
 def print_table(rows: list[Row]) -> None:
     header = (
-        f"| {'model':<14} | {'variant':<18} | {'train img/s':>18} | {'infer img/s':>18} | "
-        f"{'compile s':>16} | {'peak MiB':>16} | {'GFLOP/img':>9} | {'MFU':>5} |"
+        f"| {'model':<14} | {'variant':<18} | {'train img/s':>18} | {'train × q1–q3':>13} | "
+        f"{'infer img/s':>18} | {'compile s':>16} | {'peak MiB':>16} | {'GFLOP/img':>9} | "
+        f"{'MFU':>5} |"
     )
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
@@ -364,8 +429,9 @@ def print_table(rows: list[Row]) -> None:
         ref = refs.get(r.model, Row(r.model, ""))
         print(
             f"| {r.model:<14} | {r.variant:<18} | "
-            f"{_fmt(r.train_ips, '.1f') + _ratio(r.train_ips, ref.train_ips):>18} | "
-            f"{_fmt(r.infer_ips, '.1f') + _ratio(r.infer_ips, ref.infer_ips):>18} | "
+            f"{_speed(r.train_ips, ref.train_ips, r.train_vs_ref):>18} | "
+            f"{_spread(r.train_vs_ref):>13} | "
+            f"{_speed(r.infer_ips, ref.infer_ips, r.infer_vs_ref):>18} | "
             f"{_fmt(r.compile_s, '.1f') + _ratio(r.compile_s, ref.compile_s):>16} | "
             f"{_fmt(r.peak_mib, '.0f') + _ratio(r.peak_mib, ref.peak_mib):>16} | "
             f"{_fmt(r.gflop_per_img, '.1f'):>9} | "
@@ -388,9 +454,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--compile_only", default="ViT-L_16@224", help="models: compile only")
     parser.add_argument("--compile_variants", default="reference,scan,bf16_scan_remat")
     parser.add_argument("--batch", type=int, default=0, help="global batch (0: 8 per device)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--timm", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--data", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument(
+        "--check_attention",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on a GPU: cuDNN attention's bf16 features against XLA attention's",
+    )
     args = parser.parse_args(argv)
     batch = args.batch or 8 * jax.local_device_count()
     variants = [v for v in args.variants.split(",") if v]
@@ -398,6 +470,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown variants {unknown}; valid: {', '.join(VARIANTS)}")
     device = jax.devices()[0]
+    on_gpu = device.platform == "gpu"
+    if not on_gpu and set(variants) & set(GPU_ONLY_VARIANTS):
+        print(f"  skipping {', '.join(GPU_ONLY_VARIANTS)}: needs an NVIDIA GPU", file=sys.stderr)
+        variants = [v for v in variants if v not in GPU_ONLY_VARIANTS]
     print(
         f"# {time.strftime('%Y-%m-%d')} jax {jax.__version__}, {jax.local_device_count()}× "
         f"{device.device_kind} ({device.platform}), global batch {batch}, median of "
@@ -418,6 +494,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             use_model_flops(table)
             print_table(table)
             print()
+    if args.check_attention and on_gpu:
+        for name, res in _parse_models(args.models):
+            diff, scale = attention_agreement(name, res, batch, "cudnn")
+            print(
+                f"attention cudnn vs xla, {name}@{res} bf16 features: largest |difference| "
+                f"{diff:.3g} (largest |value| {scale:.3g})"
+            )
     if args.data:
         for name, res in _parse_models(args.models):
             train_ips = max(

@@ -58,7 +58,27 @@ def test_variants_are_timed_in_turns():
         [lambda: order.append("a"), lambda: order.append("b")], repeats=3, warmup=1
     )
     assert order == ["a", "b"] + ["a", "b"] * 3  # warm-up each, then alternate
-    assert len(seconds) == 2 and all(s >= 0 for s in seconds)
+    assert [len(s) for s in seconds] == [3, 3] and all(t >= 0 for s in seconds for t in s)
+
+
+def test_paired_ratios_compare_round_by_round():
+    # A slow spell that stretches both calls of round 2 leaves that round's speed-up at 2×.
+    reference = [2.0, 6.0, 2.0, 2.0, 2.0]
+    fast = [1.0, 3.0, 1.0, 1.0, 1.0]
+    assert benchmark.paired_ratios(reference, fast) == (2.0, 2.0, 2.0)
+    median, q1, q3 = benchmark.paired_ratios([1.0, 1.0, 1.0, 1.0, 1.0], [1.0, 0.5, 2.0, 1.0, 0.8])
+    assert (median, q1, q3) == (1.0, 1.0, 1.25)
+    assert benchmark.paired_ratios([3.0], [2.0]) == (1.5, 1.5, 1.5)
+
+
+def test_table_shows_the_paired_ratio_and_its_quartiles(capsys):
+    rows = [
+        benchmark.Row("m@224", "reference", train_ips=10.0, train_vs_ref=(1.0, 1.0, 1.0)),
+        benchmark.Row("m@224", "fast", train_ips=12.0, train_vs_ref=(1.13, 1.08, 1.19)),
+    ]
+    benchmark.print_table(rows)
+    out = capsys.readouterr().out
+    assert "12.0 (1.13×)" in out and "1.08–1.19" in out  # the paired median, not 12 / 10
 
 
 def test_chunks2_variant_keeps_the_reference_parameter_tree():
@@ -71,6 +91,19 @@ def test_chunks2_variant_keeps_the_reference_parameter_tree():
 
     assert benchmark.VARIANTS["chunks2"] == {"batch_chunks": 2}
     assert shapes("chunks2") == shapes("reference")
+
+
+def test_attention_agreement_compares_real_features():
+    # On a GPU the benchmark compares cuDNN with XLA; the same code compares Flax with XLA here.
+    diff, scale = benchmark.attention_agreement("testing", 16, 2, "flax", jax.numpy.float32)
+    assert scale > 0.1 and diff <= 1e-5 * scale
+    bf16_diff, _ = benchmark.attention_agreement("testing", 16, 2, "flax", jax.numpy.bfloat16)
+    assert bf16_diff > diff  # the check sees rounding: it would see a wrong kernel
+
+
+def test_gpu_only_variants_are_skipped_on_cpu(capsys):
+    benchmark.main(["--models=", "--compile_only=", "--no-timm", "--variants=bf16_cudnn"])
+    assert "skipping bf16_cudnn: needs an NVIDIA GPU" in capsys.readouterr().err
 
 
 def test_loss_curves_reads_the_train_loss_lines_of_train_log():

@@ -1,6 +1,7 @@
 """Tests for vit_jax/train.py and vit_jax/main.py on 8 fake CPU devices (see conftest.py)."""
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -189,6 +190,28 @@ def test_nan_guard_names_the_first_bad_step_and_quantity():
     with pytest.raises(FloatingPointError, match="training grad_norm nan at step 7"):
         train._check_finite([ok, ok, bad_grads], first_step=5)
     train._check_finite([ok, ok], first_step=1)
+
+
+def test_img_per_sec_leaves_out_compile_checkpoint_and_eval_time(monkeypatch):
+    class Writer:
+        def write_scalars(self, step, scalars):
+            self.scalars = scalars
+
+    step = jax_utils.replicate({"loss": 1.0, "lr": 0.1, "grad_norm": 1.0, "param_norm": 3.0})
+    # start; a pause of 50 s; a pause of 2 s; the write at 70 s (and the next window's start).
+    clock = iter([0.0, 0.0, 50.0, 60.0, 62.0, 70.0, 70.0])
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))
+    writer = Writer()
+    metrics = train._TrainMetrics(writer, checkpoints=None, first_step=1, batch_size=16)
+    with metrics.paused():  # e.g. the first step's compilation
+        metrics.add(step)
+    with metrics.paused(False):  # a later step: training time, reads no clock
+        pass
+    with metrics.paused():  # e.g. a checkpoint
+        metrics.add(step)
+    metrics.write(2)
+    # 70 s in all, 50 + 2 of them paused: 32 images in 18 s of training, over 8 devices.
+    assert writer.scalars["train/img_per_sec_per_core"] == pytest.approx(32 / 18 / 8)
 
 
 @pytest.mark.parametrize(

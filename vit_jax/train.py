@@ -618,7 +618,9 @@ def _train(
         with _StopSignals() as signals:
             agreed_stop = multihost.AgreedStop()
             for step in range(start_step + 1, config.total_steps + 1):
-                pstate, metrics = p_train_step(pstate, next(batches), prng)
+                batch = next(batches)
+                with train_metrics.paused(step == start_step + 1):  # compiles the step
+                    pstate, metrics = p_train_step(pstate, batch, prng)
                 train_metrics.add(metrics)
                 progress(step)
                 stop_signum = agreed_stop.poll(step, signals.signum)
@@ -627,15 +629,17 @@ def _train(
                     train_metrics.write(step)
                 if last or stopping or _every(step, config.checkpoint_every):
                     train_metrics.check_finite()  # every step up to this state
-                    checkpoints.save(
-                        step, jax_utils.unreplicate(pstate), jax_utils.unreplicate(prng)
-                    )
+                    with train_metrics.paused():
+                        checkpoints.save(
+                            step, jax_utils.unreplicate(pstate), jax_utils.unreplicate(prng)
+                        )
                 if stopping:
                     interrupted = TrainingInterrupted(stop_signum, step, checkpoints.directory)
                     _LOG.warning("%s", interrupted)
                     raise interrupted
                 if not last and _every(step, config.eval_every):
-                    run_eval(pstate.params, step)
+                    with train_metrics.paused():
+                        run_eval(pstate.params, step)
     finally:
         _close_train_batches(batches)
     return jax.device_get(jax_utils.unreplicate(pstate))
@@ -656,7 +660,11 @@ def _close_train_batches(batches) -> None:
 
 
 class _TrainMetrics:
-    """Per-step train metrics: fetched in batches, checked finite, written as window averages."""
+    """Per-step train metrics: fetched in batches, checked finite, written as window averages.
+
+    `img_per_sec_per_core` counts training time only: the time spent `paused()` (compiling the
+    step, saving checkpoints, evaluating) is left out of its window.
+    """
 
     def __init__(
         self,
@@ -672,6 +680,19 @@ class _TrainMetrics:
         self._next_step = first_step  # the step of _pending[0]
         self._window: list[dict[str, float]] = []  # checked, since the last write
         self._start = time.monotonic()
+        self._paused_seconds = 0.0  # since the last write
+
+    @contextlib.contextmanager
+    def paused(self, pause: bool = True) -> Iterator[None]:
+        """Time inside (when `pause`) is not training time for img/s."""
+        if not pause:
+            yield
+            return
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self._paused_seconds += time.monotonic() - start
 
     def add(self, metrics: dict[str, jax.Array]) -> None:
         self._pending.append(metrics)
@@ -697,7 +718,7 @@ class _TrainMetrics:
     def write(self, step: int) -> None:
         """Window means of loss and grad norm, the last lr and param norm, img/s per core."""
         self.check_finite()
-        seconds = max(time.monotonic() - self._start, 1e-9)
+        seconds = max(time.monotonic() - self._start - self._paused_seconds, 1e-9)
         images = len(self._window) * self._batch_size
         scalars = {
             "train/loss": float(np.mean([m["loss"] for m in self._window])),
@@ -707,7 +728,7 @@ class _TrainMetrics:
             "train/img_per_sec_per_core": images / seconds / jax.device_count(),
         }
         self._writer.write_scalars(step, scalars)
-        self._window, self._start = [], time.monotonic()
+        self._window, self._start, self._paused_seconds = [], time.monotonic(), 0.0
 
 
 def _check_finite(values: list[Mapping[str, float]], first_step: int) -> None:
