@@ -69,6 +69,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bf16_scan_remat": {"dtype": jnp.bfloat16, "scan": True, "remat_policy": "nothing_saveable"},
     "chunks2": {"batch_chunks": 2},
     "chunks4": {"batch_chunks": 4},
+    "bf16_dots": {"matmul_dtype": jnp.bfloat16},
+    "bf16_dots_chunks4": {"matmul_dtype": jnp.bfloat16, "batch_chunks": 4},
     "bf16_cudnn": {"dtype": jnp.bfloat16, "attention_impl": "cudnn"},
 }
 GPU_ONLY_VARIANTS = ("bf16_cudnn",)  # cuDNN's fused attention exists on NVIDIA GPUs only

@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Speed and memory: same parameters (params.npz is always the released layout) and the same
     # fp32 numbers; Mixer models take compute_dtype only.
     c.compute_dtype = "float32"  # 'float32' or 'bfloat16' compute; params and logits stay float32
+    c.matmul_dtype = ""  # '' (= compute_dtype) or 'bfloat16': bf16 encoder matmuls, fp32 rest
     c.attention_impl = "flax"  # 'flax' (the original) or fused 'auto'/'xla'/'cudnn' (no attn drop)
     c.remat_policy = ""  # '' (none) or a jax.checkpoint_policies name, e.g. 'nothing_saveable'
     c.scan_layers = False  # nn.scan over the encoder blocks: one compiled block, faster compile

@@ -831,6 +831,87 @@ def test_bfloat16_compute(vit_setup):
     assert rel > 1e-4  # it really computed in bf16
 
 
+def _rounded(x):
+    return x.astype(jnp.bfloat16).astype(jnp.float32)
+
+
+# (lhs shape, rhs shape, dimension numbers) as the model's matmuls use them: a Dense, a Dense
+# on tokens, the attention projections and the two attention products (Flax's einsums).
+ROUNDED_DOT_CASES = [
+    ((6, 5), (5, 4), (((1,), (0,)), ((), ()))),
+    ((2, 6, 5), (5, 3, 4), (((2,), (0,)), ((), ()))),
+    ((2, 6, 3, 4), (3, 4, 5), (((2, 3), (0, 1)), ((), ()))),
+    ((2, 6, 3, 4), (2, 7, 3, 4), (((3,), (3,)), ((0, 2), (0, 2)))),
+    ((2, 3, 6, 7), (2, 7, 3, 4), (((3,), (1,)), ((0, 1), (0, 2)))),
+]
+
+
+@pytest.mark.parametrize(("lhs_shape", "rhs_shape", "dims"), ROUNDED_DOT_CASES)
+def test_rounded_dot_is_the_float32_product_of_rounded_values(lhs_shape, rhs_shape, dims):
+    rng = np.random.default_rng(0)
+    lhs, rhs = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (lhs_shape, rhs_shape))
+    dot = models_vit.rounded_dot_general(jnp.bfloat16)
+    out, vjp = jax.vjp(lambda a, b: dot(a, b, dims), lhs, rhs)
+    want, want_vjp = jax.vjp(
+        lambda a, b: jax.lax.dot_general(a, b, dims), _rounded(lhs), _rounded(rhs)
+    )
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+    assert np.abs(np.asarray(out) - np.asarray(jax.lax.dot_general(lhs, rhs, dims))).max() > 1e-4
+    grad = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
+    for got, expected in zip(vjp(grad), want_vjp(_rounded(grad)), strict=True):
+        assert got.dtype == jnp.float32 and got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def _dot_dtypes(jaxpr) -> list[str]:
+    """The operand dtype of every dot_general in a jaxpr, nested jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(str(eqn.invars[0].aval.dtype))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _dot_dtypes(inner)
+    return found
+
+
+def test_matmul_dtype_rounds_the_encoder_matmuls(vit_setup, vit_grads):
+    model, params, x, want = vit_setup
+    bf16_dots = model.clone(matmul_dtype=jnp.bfloat16)
+    tree, _ = abstract_init(bf16_dots, VIT_IMAGE)
+    assert flat_shapes(tree) == flat_shapes(params)
+    out, grads = _logits_and_grads(bf16_dots, params, x)
+    rel = np.abs(out - want).max() / np.abs(want).max()
+    assert 1e-4 < rel < BF16_RELATIVE_TOLERANCE, rel
+    _, want_grads = vit_grads
+    got_all, want_all = (
+        np.concatenate([t[k].ravel() for k in sorted(t)]) for t in (grads, want_grads)
+    )
+    grad_rel = np.abs(got_all - want_all).max() / np.abs(want_all).max()
+    assert 1e-5 < grad_rel < BF16_RELATIVE_TOLERANCE, grad_rel  # (key bias grads are ~0)
+    # Every block's 8 matmuls (q, k, v, out, q·kᵀ, weights·v, 2 MLP) take rounded operands.
+    # The 6 projections run as bf16 multiplies in the forward pass; the two attention products
+    # (a layout XLA:CPU cannot multiply in bf16) and the head and pre_logits run in float32.
+    layers = model.transformer["num_layers"]
+    forward = jax.make_jaxpr(lambda p: bf16_dots.apply({"params": p}, x, train=False))(params)
+    dtypes = _dot_dtypes(forward.jaxpr)
+    assert (dtypes.count("bfloat16"), dtypes.count("float32")) == (6 * layers, 2 * layers + 2)
+    # Backward: the projections' input gradients are bf16 multiplies too.
+    backward = jax.make_jaxpr(
+        jax.grad(lambda p: bf16_dots.apply({"params": p}, x, train=False).sum())
+    )(params)
+    assert _dot_dtypes(backward.jaxpr).count("bfloat16") >= 2 * 6 * layers
+
+
+@pytest.mark.parametrize("matmul_dtype", ["int8", "float8", jnp.int32])
+def test_matmul_dtype_is_validated(matmul_dtype):
+    with pytest.raises(ValueError, match="matmul_dtype must be None or a floating dtype"):
+        abstract_init(tiny_vit(matmul_dtype=matmul_dtype), VIT_IMAGE)
+
+
 # batch_chunks computes the same function on equal slices of the batch: outputs and gradients
 # agree with the whole-batch reference to fp32 rounding (summation order).
 @pytest.mark.parametrize(

@@ -234,6 +234,7 @@ def test_img_per_sec_leaves_out_compile_checkpoint_and_eval_time(monkeypatch):
         ({"attention_impl": "flash"}, "Unknown attention_impl='flash'"),
         ({"remat_policy": "all"}, "Unknown remat_policy='all'"),
         ({"batch_chunks": 0}, "batch_chunks must be an integer >= 1, got 0"),
+        ({"matmul_dtype": "fp8"}, "Unknown matmul_dtype='fp8'; valid values: float32, bfloat16"),
         ({"optimizer": "sgd", "weight_decay": 0.1}, "optimizer 'sgd' takes no weight_decay"),
         (
             {"model": common.model_config("Mixer-B_16"), "scan_layers": True},
@@ -256,7 +257,8 @@ def test_config_errors_are_clear(overrides, message):
 
 
 def test_fast_model_options_train_to_the_reference_params(tmp_path):
-    """Fused attention + remat + scan + batch chunks (fp32) train like the reference; bf16 too.
+    """Fused attention + remat + scan + batch chunks (fp32) train like the reference; bf16 and
+    bf16 matmuls too.
 
     Every run starts from the same params.npz (scan would draw a different fresh init) with the
     head re-initialised to zeros, and without dropout, so the runs see identical arithmetic.
@@ -274,6 +276,7 @@ def test_fast_model_options_train_to_the_reference_params(tmp_path):
             "batch_chunks": 2,
         },
         "bf16": {"compute_dtype": "bfloat16", "scan_layers": True},
+        "bf16_matmuls": {"matmul_dtype": "bfloat16", "batch_chunks": 2},
     }
     params = {}
     for name, options in runs.items():
@@ -281,12 +284,13 @@ def test_fast_model_options_train_to_the_reference_params(tmp_path):
         train.train_and_evaluate(config, str(tmp_path / name))
         params[name] = checkpoint.load(tmp_path / name / "params.npz")  # released layout
     assert jax.tree.structure(params["fast_fp32"]) == jax.tree.structure(params["reference"])
-    ref, fast, bf16 = (
+    ref, fast, bf16, bf16_matmuls = (
         np.concatenate([x.ravel() for x in jax.tree.leaves(params[n])]) for n in runs
     )
     np.testing.assert_allclose(fast, ref, atol=1e-5)
-    bf16_delta = float(np.abs(bf16 - ref).max())
-    assert 1e-6 < bf16_delta < 0.05  # really computed in bf16, and still the same training
+    for name, got in (("bf16", bf16), ("bf16_matmuls", bf16_matmuls)):
+        delta = float(np.abs(got - ref).max())
+        assert 1e-6 < delta < 0.05, name  # really computed in bf16, and still the same training
 
 
 def test_missing_pretrained_file_fails_before_reading_the_dataset(tmp_path, monkeypatch):

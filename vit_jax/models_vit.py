@@ -4,7 +4,8 @@ This module owns the ViT forward pass and its speed/memory options. It does not 
 sizes (see `vit_jax.models`) or the checkpoint format (see `vit_jax.checkpoint`).
 
 The parameter tree is the original's, name for name and shape for shape. The options the
-original lacks (`dtype`, `attention_impl`, `remat_policy`, `scan`, `batch_chunks`) never
+original lacks (`dtype`, `matmul_dtype`, `attention_impl`, `remat_policy`, `scan`,
+`batch_chunks`) never
 change the parameter tree, except that `scan=True` stacks the encoder blocks under one
 `encoderblock` entry (`vit_jax.checkpoint.scan_params` / `unscan_params` convert between the
 layouts).
@@ -63,14 +64,122 @@ def validate_options(
     attention_impl: str = "flax",
     remat_policy: str | None = None,
     batch_chunks: int = 1,
+    matmul_dtype: Any = None,
 ) -> None:
     """Raises ValueError listing the valid values when an option is unknown or out of range."""
     _validate_choice("classifier", classifier, CLASSIFIERS)
+    if matmul_dtype is not None and _float_dtype(matmul_dtype) is None:
+        raise ValueError(
+            f"matmul_dtype must be None or a floating dtype such as jnp.bfloat16, got "
+            f"{matmul_dtype!r}."
+        )
     _validate_choice("attention_impl", attention_impl, ATTENTION_IMPLS)
     if remat_policy is not None:
         _validate_choice("remat_policy", remat_policy, REMAT_POLICIES)
     if isinstance(batch_chunks, bool) or not isinstance(batch_chunks, int) or batch_chunks < 1:
         raise ValueError(f"batch_chunks must be an integer >= 1, got {batch_chunks!r}.")
+
+
+def _float_dtype(value: Any) -> jnp.dtype | None:
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        return None
+    return dtype if jnp.issubdtype(dtype, jnp.floating) else None
+
+
+def rounded_dot_general(dtype: Any) -> Callable[..., jax.Array]:
+    """A `dot_general` for Flax layers whose matmuls run on `dtype` operands (e.g. bfloat16).
+
+    The forward matmul rounds both operands to `dtype` and returns the result in the usual
+    dtype (float32 for float32 inputs), accumulated in float32. Its backward pass rounds the
+    incoming gradient to `dtype` too, so the input- and weight-gradient matmuls also run on
+    `dtype` operands, again with float32 results. Everything outside the matmuls (LayerNorm,
+    softmax, GELU, residuals) stays in the compute dtype. `precision` is not used: the rounding
+    is the precision.
+    """
+    dtype = jnp.dtype(dtype)
+
+    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+        del precision
+        out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs, rhs))
+        (lc, rc), (lb, rb) = dimension_numbers
+        dims = ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))  # hashable, for custom_vjp
+        return _rounded_dot(lhs, rhs, dims, dtype, out_dtype)
+
+    return dot_general
+
+
+def _product(a, b, a_contract, b_contract, a_batch, b_batch, out_dtype):
+    """`dot_general(a, b)` of rounded operands, accumulated in `out_dtype`.
+
+    The result's axes are the usual ones: batch, the free axes of `a`, the free axes of `b`.
+    XLA:CPU multiplies bfloat16 operands into float32 fast (and at all) only when they are laid
+    out as (batch, free, contracting) on the left and (batch, contracting, free) or (batch,
+    free, contracting) on the right. Any other layout (a weight gradient, which contracts the
+    token axis; Flax's attention einsums, whose batch axes are not leading) is multiplied in
+    float32: the rounded values convert exactly, so it is the same product at float32 speed.
+    """
+    a_free = _free_axes(a.ndim, a_contract, a_batch)
+    b_free = _free_axes(b.ndim, b_contract, b_batch)
+    b_rest = list(range(len(b_batch), b.ndim))
+    canonical = (
+        [*a_batch, *a_free, *a_contract] == list(range(a.ndim))
+        and list(b_batch) == list(range(len(b_batch)))
+        and b_rest in ([*b_contract, *b_free], [*b_free, *b_contract])
+        and list(b_contract) == sorted(b_contract)
+    )
+    if not canonical:
+        a, b = a.astype(out_dtype), b.astype(out_dtype)
+    dims = ((tuple(a_contract), tuple(b_contract)), (tuple(a_batch), tuple(b_batch)))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=out_dtype)
+
+
+def _free_axes(ndim: int, contract: tuple, batch: tuple) -> list[int]:
+    return [d for d in range(ndim) if d not in contract and d not in batch]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _rounded_dot(lhs, rhs, dims, dtype, out_dtype):
+    (lc, rc), (lb, rb) = dims
+    return _product(lhs.astype(dtype), rhs.astype(dtype), lc, rc, lb, rb, out_dtype)
+
+
+def _rounded_dot_fwd(lhs, rhs, dims, dtype, out_dtype):
+    lhs_rounded, rhs_rounded = lhs.astype(dtype), rhs.astype(dtype)
+    (lc, rc), (lb, rb) = dims
+    out = _product(lhs_rounded, rhs_rounded, lc, rc, lb, rb, out_dtype)
+    # The zero-size arrays carry the inputs' dtypes to the backward pass.
+    return out, (lhs_rounded, rhs_rounded, jnp.zeros(0, lhs.dtype), jnp.zeros(0, rhs.dtype))
+
+
+def _rounded_dot_bwd(dims, dtype, out_dtype, residuals, grad):
+    """The two gradient matmuls, each with the rounded gradient as the left operand.
+
+    The output's axes are (batch, lhs free, rhs free). d_lhs contracts the gradient's rhs-free
+    axes with rhs's free axes, leaving (batch, lhs free, rhs contracting) — rhs's contracting
+    axes pair with lhs's — which is then permuted into lhs's axis order; d_rhs likewise.
+    """
+    del out_dtype
+    lhs, rhs, lhs_like, rhs_like = residuals
+    (lc, rc), (lb, rb) = dims
+    grad = grad.astype(dtype)
+    lf, rf = _free_axes(lhs.ndim, lc, lb), _free_axes(rhs.ndim, rc, rb)
+    batch = tuple(range(len(lb)))
+    lhs_free_in_out = tuple(range(len(lb), len(lb) + len(lf)))
+    rhs_free_in_out = tuple(range(len(lb) + len(lf), grad.ndim))
+
+    d_lhs = _product(grad, rhs, rhs_free_in_out, rf, batch, rb, lhs_like.dtype)
+    lhs_axes = [*lb, *lf, *(lc[rc.index(r)] for r in sorted(rc))]  # the axes d_lhs has
+    d_rhs = _product(grad, lhs, lhs_free_in_out, lf, batch, lb, rhs_like.dtype)
+    rhs_axes = [*rb, *rf, *(rc[lc.index(a)] for a in sorted(lc))]
+    return (
+        jnp.transpose(d_lhs, sorted(range(lhs.ndim), key=lhs_axes.__getitem__)),
+        jnp.transpose(d_rhs, sorted(range(rhs.ndim), key=rhs_axes.__getitem__)),
+    )
+
+
+_rounded_dot.defvjp(_rounded_dot_fwd, _rounded_dot_bwd)
 
 
 def fused_attention_fn(implementation: str | None) -> Callable[..., jax.Array]:
@@ -143,12 +252,17 @@ class MlpBlock(nn.Module):
     dropout_rate: float = 0.1
     kernel_init: Callable[..., jax.Array] = nn.initializers.xavier_uniform()
     bias_init: Callable[..., jax.Array] = nn.initializers.normal(stddev=1e-6)
+    dot_general: Callable[..., jax.Array] | None = None  # None: jax.lax.dot_general
 
     @nn.compact
     def __call__(self, inputs: jax.Array, *, deterministic: bool) -> jax.Array:
         out_dim = inputs.shape[-1] if self.out_dim is None else self.out_dim
         dense = functools.partial(
-            nn.Dense, dtype=self.dtype, kernel_init=self.kernel_init, bias_init=self.bias_init
+            nn.Dense,
+            dtype=self.dtype,
+            kernel_init=self.kernel_init,
+            bias_init=self.bias_init,
+            dot_general=self.dot_general,
         )
         x = dense(features=self.mlp_dim)(inputs)
         x = nn.gelu(x, approximate=True)
@@ -170,12 +284,18 @@ class Encoder1DBlock(nn.Module):
     dropout_rate: float = 0.1
     attention_dropout_rate: float = 0.1
     attention_impl: str = "flax"
+    matmul_dtype: Any = None
     scanned: bool = False
 
     @nn.compact
     def __call__(self, inputs: jax.Array, deterministic: bool):
+        dot_general = None
+        if self.matmul_dtype is not None:
+            dot_general = rounded_dot_general(self.matmul_dtype)
         if self.attention_impl == "flax":
-            attention_fn = nn.dot_product_attention
+            attention_fn = functools.partial(
+                nn.dot_product_attention, einsum_dot_general=dot_general
+            )
         else:
             attention_fn = fused_attention_fn(
                 None if self.attention_impl == "auto" else self.attention_impl
@@ -189,6 +309,8 @@ class Encoder1DBlock(nn.Module):
             deterministic=deterministic,
             dropout_rate=self.attention_dropout_rate,
             attention_fn=attention_fn,
+            qkv_dot_general=dot_general,
+            out_dot_general=dot_general,
         )(
             x,
             x,
@@ -199,9 +321,12 @@ class Encoder1DBlock(nn.Module):
         x = x + inputs
 
         y = nn.LayerNorm(epsilon=LAYERNORM_EPSILON, dtype=self.dtype)(x)
-        y = MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, dropout_rate=self.dropout_rate)(
-            y, deterministic=deterministic
-        )
+        y = MlpBlock(
+            mlp_dim=self.mlp_dim,
+            dtype=self.dtype,
+            dropout_rate=self.dropout_rate,
+            dot_general=dot_general,
+        )(y, deterministic=deterministic)
         out = x + y
         return (out, None) if self.scanned else out
 
@@ -227,6 +352,7 @@ class Encoder(nn.Module):
     remat_policy: str | None = None
     scan: bool = False
     batch_chunks: int = 1
+    matmul_dtype: Any = None
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         chunks = math.gcd(self.batch_chunks, x.shape[0])
@@ -254,6 +380,7 @@ class Encoder(nn.Module):
             dropout_rate=self.dropout_rate,
             attention_dropout_rate=self.attention_dropout_rate,
             attention_impl=self.attention_impl,
+            matmul_dtype=self.matmul_dtype,
         )
         if self.scan:
             scanned_cls = nn.scan(
@@ -298,6 +425,13 @@ class VisionTransformer(nn.Module):
         Outputs and gradients are the
         whole-batch pass's up to fp32 rounding (summation order); dropout masks differ from a
         whole-batch pass. Not applied when intermediates are collected.
+      matmul_dtype: None (the matmuls run in `dtype`) or a float dtype such as jnp.bfloat16:
+        every matmul of the encoder blocks (q/k/v/out projections, MLP and, with
+        attention_impl='flax', q·kᵀ and weights·v), forward and backward, rounds its operands
+        to it and accumulates in float32 (`rounded_dot_general`), while activations, LayerNorm,
+        softmax and GELU stay in `dtype`. With dtype float32 this is bf16 mixed precision for
+        CPUs that multiply bf16 fast (AVX512-BF16, AMX) but run bf16 elementwise code slowly:
+        on such a CPU the projections, MLP and their input gradients become bf16 multiplies.
     """
 
     num_classes: int | None
@@ -315,6 +449,7 @@ class VisionTransformer(nn.Module):
     remat_policy: str | None = None
     scan: bool = False
     batch_chunks: int = 1
+    matmul_dtype: Any = None
 
     @property
     def patch_size(self) -> tuple[int, int]:
@@ -327,6 +462,7 @@ class VisionTransformer(nn.Module):
             attention_impl=self.attention_impl,
             remat_policy=self.remat_policy,
             batch_chunks=self.batch_chunks,
+            matmul_dtype=self.matmul_dtype,
         )
         check_image_size(
             inputs.shape[1:3], self.patch_size, stem_stride(self.resnet), self.model_name
@@ -369,6 +505,7 @@ class VisionTransformer(nn.Module):
             remat_policy=self.remat_policy,
             scan=self.scan,
             batch_chunks=self.batch_chunks,
+            matmul_dtype=self.matmul_dtype,
         )(x, train=train)
         self.sow("intermediates", "encoded", x)
 

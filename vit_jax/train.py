@@ -180,7 +180,7 @@ def make_model(config: ml_collections.ConfigDict, num_classes: int):
 
 def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Model options from `compute_dtype`, `attention_impl`, `remat_policy`, `scan_layers`,
-    `batch_chunks`.
+    `batch_chunks`, `matmul_dtype`.
 
     Only options that differ from the model's defaults are returned, so a Mixer (which has
     `dtype` only) is built unchanged unless it asks for bfloat16.
@@ -196,6 +196,8 @@ def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
         options["scan"] = True
     if config.batch_chunks != 1:
         options["batch_chunks"] = config.batch_chunks
+    if config.matmul_dtype:
+        options["matmul_dtype"] = COMPUTE_DTYPES[config.matmul_dtype]
     return options
 
 
@@ -915,6 +917,8 @@ def _check_choice(key: str, value: str, valid: tuple[str, ...]) -> None:
 
 def _check_model_options(config: ml_collections.ConfigDict) -> None:
     _check_choice("compute_dtype", config.compute_dtype, tuple(COMPUTE_DTYPES))
+    if config.matmul_dtype:
+        _check_choice("matmul_dtype", config.matmul_dtype, tuple(COMPUTE_DTYPES))
     models_vit.validate_options(  # the model's own checks, before any setup work
         classifier=config.model.get("classifier", "token"),
         attention_impl=config.attention_impl,
@@ -925,7 +929,8 @@ def _check_model_options(config: ml_collections.ConfigDict) -> None:
     if vit_only and models.model_class(config.model.model_name) is not models.VisionTransformer:
         raise ValueError(
             f"{config.model.model_name} takes compute_dtype only; unset {sorted(vit_only)} "
-            "(attention_impl, remat_policy, scan_layers and batch_chunks are ViT options)."
+            "(attention_impl, remat_policy, scan_layers, batch_chunks and matmul_dtype are ViT "
+            "options)."
         )
     attention_dropout = config.model.get("transformer", {}).get("attention_dropout_rate", 0.0)
     if config.attention_impl != "flax" and attention_dropout:
