@@ -5,10 +5,9 @@ sizes (see `vit_jax.models`) or the checkpoint format (see `vit_jax.checkpoint`)
 
 The parameter tree is the original's, name for name and shape for shape. The options the
 original lacks (`dtype`, `matmul_dtype`, `attention_impl`, `remat_policy`, `scan`,
-`batch_chunks`) never
-change the parameter tree, except that `scan=True` stacks the encoder blocks under one
-`encoderblock` entry (`vit_jax.checkpoint.scan_params` / `unscan_params` convert between the
-layouts).
+`batch_chunks`) never change the parameter tree, except that `scan=True` stacks the encoder
+blocks under one `encoderblock` entry (`vit_jax.checkpoint.scan_params` / `unscan_params`
+convert between the layouts).
 
 Named intermediates: apply with `mutable=['intermediates']` to get the encoder's per-token
 output (`encoded`), the pooled `pre_logits` (at `pre_logits/__call__`) and, with
