@@ -747,6 +747,19 @@ def _logits_and_grads(model, params, x):
     return np.asarray(out), flax.traverse_util.flatten_dict(grads, sep="/")
 
 
+def _unscanned(grads: dict) -> dict:
+    """Flat gradients of a scanned model in the unrolled layout."""
+    tree = flax.traverse_util.unflatten_dict(grads, sep="/")
+    return flax.traverse_util.flatten_dict(checkpoint.unscan_params(tree), sep="/")
+
+
+def _relative_error(grads: dict, want_grads: dict) -> float:
+    """Largest difference over all gradients, relative to the largest reference gradient."""
+    assert grads.keys() == want_grads.keys()
+    got, want = (np.concatenate([t[k].ravel() for k in sorted(t)]) for t in (grads, want_grads))
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
 @pytest.fixture(scope="module")
 def vit_grads(vit_setup):
     model, params, x, _ = vit_setup
@@ -888,11 +901,8 @@ def test_matmul_dtype_rounds_the_encoder_matmuls(vit_setup, vit_grads):
     rel = np.abs(out - want).max() / np.abs(want).max()
     assert 1e-4 < rel < BF16_RELATIVE_TOLERANCE, rel
     _, want_grads = vit_grads
-    got_all, want_all = (
-        np.concatenate([t[k].ravel() for k in sorted(t)]) for t in (grads, want_grads)
-    )
-    grad_rel = np.abs(got_all - want_all).max() / np.abs(want_all).max()
-    assert 1e-5 < grad_rel < BF16_RELATIVE_TOLERANCE, grad_rel  # (key bias grads are ~0)
+    grad_rel = _relative_error(grads, want_grads)
+    assert 1e-5 < grad_rel < BF16_RELATIVE_TOLERANCE, grad_rel  # over all (key bias grads are ~0)
     # Every block's 8 matmuls (q, k, v, out, q·kᵀ, weights·v, 2 MLP) take rounded operands.
     # The 6 projections run as bf16 multiplies in the forward pass; the two attention products
     # (a layout XLA:CPU cannot multiply in bf16) and the head and pre_logits run in float32.
@@ -905,6 +915,27 @@ def test_matmul_dtype_rounds_the_encoder_matmuls(vit_setup, vit_grads):
         jax.grad(lambda p: bf16_dots.apply({"params": p}, x, train=False).sum())
     )(params)
     assert _dot_dtypes(backward.jaxpr).count("bfloat16") >= 2 * 6 * layers
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(scan=True, remat_policy="nothing_saveable"),
+        dict(batch_chunks=2, attention_impl="xla"),
+        dict(dtype=jnp.bfloat16),
+    ],
+    ids=lambda o: ",".join(f"{k}={getattr(v, '__name__', v)}" for k, v in o.items()),
+)
+def test_matmul_dtype_combines_with_the_other_options(vit_setup, vit_grads, options):
+    model, params, x, want = vit_setup
+    combined = model.clone(matmul_dtype=jnp.bfloat16, **options)
+    combined_params = checkpoint.scan_params(params) if options.get("scan") else params
+    out, grads = _logits_and_grads(combined, combined_params, x)
+    if options.get("scan"):
+        grads = _unscanned(grads)
+    assert np.abs(out - want).max() / np.abs(want).max() < BF16_RELATIVE_TOLERANCE
+    _, want_grads = vit_grads
+    assert _relative_error(grads, want_grads) < BF16_RELATIVE_TOLERANCE
 
 
 @pytest.mark.parametrize("matmul_dtype", ["int8", "float8", jnp.int32])
@@ -928,9 +959,7 @@ def test_batch_chunks_same_logits_and_grads(vit_setup, vit_grads, options):
     assert flat_shapes(tree) == flat_shapes(chunked_params)
     out, grads = _logits_and_grads(chunked, chunked_params, x)
     if options.get("scan"):
-        grads = flax.traverse_util.flatten_dict(
-            checkpoint.unscan_params(flax.traverse_util.unflatten_dict(grads, sep="/")), sep="/"
-        )
+        grads = _unscanned(grads)
     _, want_grads = vit_grads
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
     _assert_same_grads(grads, want_grads, atol=5e-5)
