@@ -441,6 +441,16 @@ def print_table(rows: list[Row]) -> None:
         )
 
 
+def runnable_variants(variants: Sequence[str], platform: str) -> tuple[list[str], list[str]]:
+    """(the variants that run on `platform`, the GPU-only ones left out elsewhere)."""
+    if platform == "gpu":
+        return list(variants), []
+    return (
+        [v for v in variants if v not in GPU_ONLY_VARIANTS],
+        [v for v in variants if v in GPU_ONLY_VARIANTS],
+    )
+
+
 def _parse_models(spec: str) -> list[tuple[str, int]]:
     out = []
     for item in filter(None, spec.split(",")):
@@ -473,9 +483,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"unknown variants {unknown}; valid: {', '.join(VARIANTS)}")
     device = jax.devices()[0]
     on_gpu = device.platform == "gpu"
-    if not on_gpu and set(variants) & set(GPU_ONLY_VARIANTS):
-        print(f"  skipping {', '.join(GPU_ONLY_VARIANTS)}: needs an NVIDIA GPU", file=sys.stderr)
-        variants = [v for v in variants if v not in GPU_ONLY_VARIANTS]
+    variants, skipped = runnable_variants(variants, device.platform)
+    if skipped:
+        print(f"  skipping {', '.join(skipped)}: needs an NVIDIA GPU", file=sys.stderr)
     print(
         f"# {time.strftime('%Y-%m-%d')} jax {jax.__version__}, {jax.local_device_count()}× "
         f"{device.device_kind} ({device.platform}), global batch {batch}, median of "

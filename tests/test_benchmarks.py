@@ -101,9 +101,14 @@ def test_attention_agreement_compares_real_features():
     assert bf16_diff > diff  # the check sees rounding: it would see a wrong kernel
 
 
-def test_gpu_only_variants_are_skipped_on_cpu(capsys):
-    benchmark.main(["--models=", "--compile_only=", "--no-timm", "--variants=bf16_cudnn"])
-    assert "skipping bf16_cudnn: needs an NVIDIA GPU" in capsys.readouterr().err
+def test_gpu_only_variants_run_on_gpus_only():
+    variants = ["reference", "bf16_cudnn", "bf16_dots"]
+    assert benchmark.runnable_variants(variants, "cpu") == (
+        ["reference", "bf16_dots"],
+        ["bf16_cudnn"],
+    )
+    assert benchmark.runnable_variants(variants, "tpu")[1] == ["bf16_cudnn"]
+    assert benchmark.runnable_variants(variants, "gpu") == (variants, [])
 
 
 def test_loss_curves_reads_the_train_loss_lines_of_train_log():

@@ -846,17 +846,24 @@ def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, bool | int | f
 # Helpers.
 
 
+def _source_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Where the dataset is and which share of it this process reads."""
+    return {
+        "process_index": jax.process_index(),
+        "process_count": jax.process_count(),
+        "data_dir": config.data_dir or None,
+        "manual_dir": config.manual_dir or None,
+    }
+
+
 def _pipeline_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The input-pipeline arguments shared by training and evaluation batches."""
     return {
         "image_size": config.image_size,
         "global_batch_size": config.batch_size,
         "local_device_count": jax.local_device_count(),
-        "process_index": jax.process_index(),
-        "process_count": jax.process_count(),
-        "data_dir": config.data_dir or None,
-        "manual_dir": config.manual_dir or None,
         "multi_hot": config.loss == "sigmoid_xent",
+        **_source_args(config),
     }
 
 
@@ -867,26 +874,18 @@ def _dataset_info(config: ml_collections.ConfigDict) -> input_pipeline.DatasetIn
     process at once into the same data_dir. An image folder is validated by all processes
     together (each decodes its share of the files).
     """
-
-    def info():
-        return input_pipeline.get_dataset_info(
-            config.dataset,
-            train_split=config.train_split,
-            test_split=config.test_split,
-            data_dir=config.data_dir or None,
-            manual_dir=config.manual_dir or None,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-
-    if not input_pipeline.needs_preparation(config.dataset):
-        return info()
-    if multihost.is_main_process():
-        result = info()
-    multihost.barrier("dataset-prepared")
-    if not multihost.is_main_process():
-        result = info()
-    return result
+    prepare_first = input_pipeline.needs_preparation(config.dataset)
+    if prepare_first and not multihost.is_main_process():
+        multihost.barrier("dataset-prepared")  # wait for process 0's download and preparation
+    info = input_pipeline.get_dataset_info(
+        config.dataset,
+        train_split=config.train_split,
+        test_split=config.test_split,
+        **_source_args(config),
+    )
+    if prepare_first and multihost.is_main_process():
+        multihost.barrier("dataset-prepared")
+    return info
 
 
 def _train_batches(config: ml_collections.ConfigDict, start_step: int = 0):
