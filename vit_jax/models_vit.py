@@ -104,7 +104,7 @@ def rounded_dot_general(dtype: Any) -> Callable[..., jax.Array]:
         out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs, rhs))
         (lc, rc), (lb, rb) = dimension_numbers
         dims = ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))  # hashable, for custom_vjp
-        return _rounded_dot(lhs, rhs, dims, dtype, out_dtype)
+        return _rounded_dot(lhs, rhs, dims, (dtype, out_dtype, lhs.dtype, rhs.dtype))
 
     return dot_general
 
@@ -138,29 +138,29 @@ def _free_axes(ndim: int, contract: tuple, batch: tuple) -> list[int]:
     return [d for d in range(ndim) if d not in contract and d not in batch]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _rounded_dot(lhs, rhs, dims, dtype, out_dtype):
-    (lc, rc), (lb, rb) = dims
-    return _product(lhs.astype(dtype), rhs.astype(dtype), lc, rc, lb, rb, out_dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _rounded_dot(lhs, rhs, dims, dtypes):
+    """dtypes: (the rounding dtype, the result's, lhs's, rhs's)."""
+    return _rounded_dot_fwd(lhs, rhs, dims, dtypes)[0]
 
 
-def _rounded_dot_fwd(lhs, rhs, dims, dtype, out_dtype):
+def _rounded_dot_fwd(lhs, rhs, dims, dtypes):
+    dtype, out_dtype, _, _ = dtypes
     lhs_rounded, rhs_rounded = lhs.astype(dtype), rhs.astype(dtype)
     (lc, rc), (lb, rb) = dims
     out = _product(lhs_rounded, rhs_rounded, lc, rc, lb, rb, out_dtype)
-    # The zero-size arrays carry the inputs' dtypes to the backward pass.
-    return out, (lhs_rounded, rhs_rounded, jnp.zeros(0, lhs.dtype), jnp.zeros(0, rhs.dtype))
+    return out, (lhs_rounded, rhs_rounded)
 
 
-def _rounded_dot_bwd(dims, dtype, out_dtype, residuals, grad):
+def _rounded_dot_bwd(dims, dtypes, residuals, grad):
     """The two gradient matmuls, each with the rounded gradient as the left operand.
 
     The output's axes are (batch, lhs free, rhs free). d_lhs contracts the gradient's rhs-free
     axes with rhs's free axes, leaving (batch, lhs free, rhs contracting) — rhs's contracting
     axes pair with lhs's — which is then permuted into lhs's axis order; d_rhs likewise.
     """
-    del out_dtype
-    lhs, rhs, lhs_like, rhs_like = residuals
+    dtype, _, lhs_dtype, rhs_dtype = dtypes
+    lhs, rhs = residuals
     (lc, rc), (lb, rb) = dims
     grad = grad.astype(dtype)
     lf, rf = _free_axes(lhs.ndim, lc, lb), _free_axes(rhs.ndim, rc, rb)
@@ -168,9 +168,9 @@ def _rounded_dot_bwd(dims, dtype, out_dtype, residuals, grad):
     lhs_free_in_out = tuple(range(len(lb), len(lb) + len(lf)))
     rhs_free_in_out = tuple(range(len(lb) + len(lf), grad.ndim))
 
-    d_lhs = _product(grad, rhs, rhs_free_in_out, rf, batch, rb, lhs_like.dtype)
+    d_lhs = _product(grad, rhs, rhs_free_in_out, rf, batch, rb, lhs_dtype)
     lhs_axes = [*lb, *lf, *(lc[rc.index(r)] for r in sorted(rc))]  # the axes d_lhs has
-    d_rhs = _product(grad, lhs, lhs_free_in_out, lf, batch, lb, rhs_like.dtype)
+    d_rhs = _product(grad, lhs, lhs_free_in_out, lf, batch, lb, rhs_dtype)
     rhs_axes = [*rb, *rf, *(rc[lc.index(a)] for a in sorted(lc))]
     return (
         jnp.transpose(d_lhs, sorted(range(lhs.ndim), key=lhs_axes.__getitem__)),
