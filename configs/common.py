@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.manual_dir = ""  # tfds manual_dir for datasets downloaded by hand ('' = tfds default)
     c.image_size = 32  # train and eval resolution (pixels, square)
     c.eval_crop = "resize"  # 'resize' (the original) or 'resize_small_crop'
-    c.shuffle_buffer = 10_000  # tfds training shuffle buffer (examples; others: whole epochs)
+    c.shuffle_buffer = 50_000  # tfds shuffle buffer (the original's; others: whole epochs)
     # Model: zoo name plus constructor overrides (num_classes comes from the dataset).
     c.model = model_config("testing")  # constructor arguments of the zoo model
     # Speed and memory: same parameters (params.npz is always the released layout) and the same

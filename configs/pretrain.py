@@ -6,9 +6,11 @@
 
 224 px, batch 4096, AdamW (β1 0.9, β2 0.999, decoupled weight decay 0.03 on kernels), lr 1e-3
 after 10k linear warmup steps, then linear decay to 1e-5, gradient clip at global norm 1,
-dropout 0.1, a tanh representation layer of the hidden size, sigmoid cross-entropy with the head
-bias initialised to −10, 90 epochs. The model defaults to ViT-B_16; Mixer models have no dropout,
-representation layer or head-bias option, so only the optimisation part of the recipe applies.
+dropout 0.1 for B and larger models (hidden size ≥ 768: B, L, H and their hybrids) and 0 for Ti
+and S (the ViT paper's appendix B.1 regularises the larger models), a tanh representation layer
+of the hidden size, sigmoid cross-entropy with the head bias initialised to −10, 90 epochs. The
+model defaults to ViT-B_16; Mixer models have no dropout, representation layer or head-bias
+option, so only the optimisation part of the recipe applies.
 
 Data: ImageNet-21k is not a registered tfds builder, so the default is an image folder
 `<root>/train/<class>/*` and `<root>/test/<class>/*` with one directory per class (21,843 for
@@ -16,8 +18,8 @@ the paper's version); point `--config.dataset=folder:/path/to/imagenet21k` at yo
 also works (`--config.dataset=<name> --config.train_split=... --config.test_split=...`). The
 classes are counted from the data. Fine-tune the result with
 `configs/finetune.py:<model>,<dataset> --config.pretrained=<this workdir>`; the paper's ViT-B_16
-pretrained this way reaches 84.0–84.5 % ImageNet top-1 after that fine-tuning at 384 px
-(REFERENCE §6; not reproduced here).
+pretrained this way reaches 84.0–84.5 % ImageNet top-1 after that fine-tuning at 384 px (the ViT
+paper's Table 5; not reproduced here).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ EPOCHS = 90
 # 90 epochs × 14,145,922 images / 4096 per step = 310,823.5 → 310,824 steps (rounded up). The
 # step count is fixed here: a different --config.batch_size changes the epochs, not the steps.
 TOTAL_STEPS = math.ceil(EPOCHS * TRAIN_EXAMPLES / BATCH_SIZE)
+DROPOUT = 0.1  # for models of at least DROPOUT_MIN_HIDDEN (B and larger); Ti and S: none
+DROPOUT_MIN_HIDDEN = 768
 
 
 def get_config(arg: str = "ViT-B_16") -> ml_collections.ConfigDict:
@@ -62,13 +66,14 @@ def get_config(arg: str = "ViT-B_16") -> ml_collections.ConfigDict:
 
 
 def _model(name: str) -> ml_collections.ConfigDict:
-    """The zoo model with dropout 0.1, representation_size = hidden and head bias −10 (ViT)."""
+    """The zoo ViT with the recipe's dropout, representation_size = hidden and head bias −10."""
     config = common.model_config(name)  # unknown names fail here, listing close matches
     if "transformer" not in config:  # Mixer: none of these options exist
         return config
+    dropout = DROPOUT if config.hidden_size >= DROPOUT_MIN_HIDDEN else 0.0
     return common.model_config(
         name,
-        transformer={"dropout_rate": 0.1},
+        transformer={"dropout_rate": dropout},
         representation_size=config.hidden_size,
         head_bias_init=-10.0,
     )

@@ -5,12 +5,16 @@ devices; the recipe numbers are those of REFERENCE §6.
 """
 
 import math
+import os
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from configs import common, finetune, pretrain
 from configs import default as default_config
-from vit_jax import models, train
+from vit_jax import checkpoint, models, predict, train
 
 POOLING = ("token", "gap")  # classifiers a recipe can train (unpooled models return tokens)
 
@@ -53,22 +57,25 @@ RECIPE_STEPS = {
 }
 
 
-def test_default_config_phases_validate_and_keep_their_values():
+def test_default_config_phases_validate_and_fine_tuning_starts_from_pretraining(tmp_path):
     config = default_config.get_config()
-    assert config.phases == ("pretrain", "finetune")
-    for name in config.phases:
-        train.validate_config(config[name], 8, 8)
-        assert config[name].dataset == "sklearn_digits" and config[name].batch_size == 128
-        assert config[name].model.to_dict() == config.pretrain.model.to_dict()
-    pre, fine = config.pretrain, config.finetune
-    assert (pre.image_size, pre.optimizer, pre.base_lr) == (16, "adamw", 3e-3)
-    assert pre.weight_decay == 0.03
-    assert (pre.total_steps, pre.warmup_steps, pre.decay_type) == (4000, 100, "linear")
-    assert (pre.linear_end, pre.log_every, pre.pretrained) == (1e-5, 1000, "")
-    assert (fine.image_size, fine.optimizer, fine.base_lr, fine.momentum) == (32, "sgd", 0.1, 0.9)
-    assert (fine.total_steps, fine.warmup_steps, fine.decay_type) == (400, 40, "cosine")
-    assert (fine.log_every, fine.pretrained) == (100, "phase:pretrain")
-    assert (pre.model.hidden_size, pre.model.patches.size) == (64, (4, 4))
+    phases = train.resolve_phases(config, str(tmp_path))  # validates every phase
+    assert list(phases) == ["pretrain", "finetune"]
+    pre, fine = phases["pretrain"], phases["finetune"]
+    assert (pre.pretrained, fine.pretrained) == ("", str(tmp_path / "pretrain"))
+    assert fine.model.to_dict() == pre.model.to_dict()  # same model, new resolution
+    # The fine-tuning grid is 2× the pretraining one in each direction: the position table is
+    # resampled (4×4 → 8×8 patches of 4 px), as fine-tuning a released model at 384 px does.
+    grid = [c.image_size // c.model.patches.size[0] for c in (pre, fine)]
+    assert grid == [4, 8]
+
+
+def test_a_bad_later_phase_fails_before_the_first_phase_trains(tmp_path):
+    config = default_config.get_config()
+    config.finetune.base_lr = float("nan")
+    with pytest.raises(ValueError, match=r"Phase 'finetune' .*base_lr must be ≥ 0 and finite"):
+        train.train_phases(config, str(tmp_path))
+    assert not (tmp_path / "pretrain").exists()  # nothing ran
 
 
 @pytest.mark.parametrize("name", POOLED)
@@ -86,7 +93,9 @@ def test_pretrain_recipe_builds_and_validates_for_every_model(name):
     assert config.dataset.startswith("folder:")
     assert (config.train_split, config.test_split) == ("train", "test")
     if "transformer" in config.model:  # ViT and hybrids; Mixer has none of these options
-        assert config.model.transformer.dropout_rate == 0.1
+        # Dropout 0.1 for B and larger (ViT paper, appendix B.1); none for Ti, S and testing.
+        large = name.split("+")[-1].startswith(("ViT-B", "ViT-L", "ViT-H"))
+        assert config.model.transformer.dropout_rate == (0.1 if large else 0.0)
         assert config.model.representation_size == config.model.hidden_size
         assert config.model.head_bias_init == -10.0
 
@@ -107,7 +116,9 @@ def test_finetune_recipe_for_every_preset(name, dataset):
     train_split, test_split, steps, warmup = RECIPE_STEPS[dataset]
     assert (config.train_split, config.test_split) == (train_split, test_split)
     assert (config.total_steps, config.warmup_steps) == (steps, warmup)
-    assert (config.image_size, config.batch_size) == (384, 512)
+    # Mixer at its released checkpoints' 224 px (the token-mixing weights fix the grid).
+    assert (config.image_size, config.batch_size) == (224 if "Mixer" in name else 384, 512)
+    assert config.eval_every == 100  # the original's evaluation interval
     assert (config.optimizer, config.momentum, config.weight_decay) == ("sgd", 0.9, 0.0)
     assert (config.grad_clip_norm, config.decay_type, config.linear_end) == (1.0, "cosine", 0.0)
     assert (config.loss, config.optim_dtype, config.pretrained) == ("softmax_xent", "bfloat16", "")
@@ -119,22 +130,27 @@ def test_finetune_recipe_for_every_preset(name, dataset):
 def test_finetune_image_size_tiles_for_every_model(name):
     config = finetune.get_config(f"{name},imagenet2012")
     train.validate_config(config, 8, 8)
-    assert config.image_size == (392 if name == "ViT-H_14" else 384)  # 28 × 14 ≥ 384
+    expected = 392 if name == "ViT-H_14" else 224 if name.startswith("Mixer") else 384
+    assert config.image_size == expected  # 28 × 14 = 392 is the first multiple of 14 ≥ 384
 
 
-@pytest.mark.parametrize(
-    ("name", "dropout"),
-    [
-        ("ViT-B_16", 0.0),
-        ("R50+ViT-B_16", 0.0),  # zoo 0.1
-        ("testing", 0.0),  # zoo 0.1
-        ("ViT-L_16", 0.1),  # L/H keep the zoo value
-        ("ViT-L_32", 0.0),
-        ("R50+ViT-L_32", 0.1),
-        ("ViT-H_14", 0.1),
-    ],
-)
-def test_finetune_dropout_is_zero_except_for_large_and_huge_models(name, dropout):
+# The original fine-tunes with the zoo config unchanged; its table (the original's
+# configs/models.py) gives these dropout rates.
+ORIGINAL_DROPOUT = {
+    "ViT-B_16": 0.0,
+    "ViT-B_32": 0.0,
+    "ViT-S_16": 0.0,
+    "R50+ViT-B_16": 0.1,
+    "testing": 0.1,
+    "ViT-L_16": 0.1,
+    "ViT-L_32": 0.0,
+    "R50+ViT-L_32": 0.1,
+    "ViT-H_14": 0.1,
+}
+
+
+@pytest.mark.parametrize(("name", "dropout"), ORIGINAL_DROPOUT.items())
+def test_finetune_dropout_is_the_original_zoo_value(name, dropout):
     model = finetune.get_config(f"{name},cifar100").model
     assert model.transformer.dropout_rate == dropout
     assert model.representation_size is None  # fine-tuned models have no pre_logits layer
@@ -164,3 +180,61 @@ def test_run_configs_are_locked(make):
     target = config.finetune if "phases" in config else config
     with pytest.raises(AttributeError, match="batchsize"):
         target.batchsize = 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixer fine-tuning loads released Mixer files (their token count fixes the resolution).
+
+
+def _small_mixer_preset(image_size=None):
+    """The Mixer-B_16 preset with a tiny Mixer of the same patch size (same token count)."""
+    config = finetune.get_config("Mixer-B_16,cifar10")
+    config.model.update(hidden_dim=8, num_blocks=1, tokens_mlp_dim=4, channels_mlp_dim=8)
+    if image_size:
+        config.image_size = image_size
+    return config
+
+
+def _released_mixer_file(tmp_path, image_size):
+    """A released-format file of that tiny Mixer trained at `image_size` (1000-class head)."""
+    config = _small_mixer_preset()
+    model = models.MlpMixer(num_classes=1000, **config.model)
+    images = jnp.zeros((1, image_size, image_size, 3))
+    params = model.init(jax.random.PRNGKey(1), images, train=False)["params"]
+    path = tmp_path / "Mixer-B_16.npz"
+    checkpoint.save(params, path)
+    return path, params
+
+
+def test_mixer_preset_loads_a_released_format_mixer_file(tmp_path):
+    path, released = _released_mixer_file(tmp_path, 224)  # the released files' resolution
+    config = _small_mixer_preset()
+    config.pretrained = str(path)
+    model = train.make_model(config, num_classes=10)
+    state = train.create_state(config, model, train.make_schedule(config))
+    token_kernel = ("MixerBlock_0", "token_mixing", "Dense_0", "kernel")
+    loaded, want = state.params, released
+    for part in token_kernel:
+        loaded, want = loaded[part], want[part]
+    np.testing.assert_array_equal(loaded, want)  # 196 × 4: the checkpoint's own weights
+    assert state.params["head"]["kernel"].shape == (8, 10)  # fresh head for the new classes
+
+
+def test_a_mixer_file_of_another_token_count_names_the_resolution_it_needs(tmp_path):
+    path, _ = _released_mixer_file(tmp_path, 224)
+    config = _small_mixer_preset(image_size=384)  # 576 tokens, the file has 196
+    config.pretrained = str(path)
+    model = train.make_model(config, num_classes=10)
+    with pytest.raises(checkpoint.CheckpointError, match=r"196 tokens.*576.*image_size=224"):
+        train.create_state(config, model, train.make_schedule(config))
+
+
+def test_a_multi_phase_workdir_as_pretrained_resolves_to_its_last_phase(tmp_path):
+    for phase, offset in (("pretrain", 0), ("finetune", 1)):  # finetune written last
+        (tmp_path / phase).mkdir()
+        target = tmp_path / phase / checkpoint.PARAMS_FILE
+        target.write_bytes(b"")
+        os.utime(target, (1_000_000 + offset, 1_000_000 + offset))
+    resolved = checkpoint.resolve_params_file(tmp_path)
+    assert resolved == str(tmp_path / "finetune" / checkpoint.PARAMS_FILE)
+    assert predict.resolve_checkpoint(tmp_path) == resolved  # one resolver for both

@@ -47,6 +47,7 @@ _UNROLLED_BLOCK = re.compile(r"^encoderblock_(\d+)$")
 SCANNED_BLOCK = "encoderblock"
 
 Params = dict[str, Any]
+PARAMS_FILE = "params.npz"  # the final params a training workdir (or each phase of one) holds
 
 
 class CheckpointError(ValueError):
@@ -60,6 +61,35 @@ def check_exists(path: str | os.PathLike) -> None:
     """FileNotFoundError naming `path` and where the released files are, if it is missing."""
     if not epath.Path(path).exists():
         raise FileNotFoundError(f"Checkpoint not found: {os.fspath(path)!r}. {RELEASED_FILES_HINT}")
+
+
+def resolve_params_file(path: str | os.PathLike) -> str:
+    """The `.npz` for `path`: the file itself, or the params file of a training workdir.
+
+    Fine-tuning's `pretrained` and `predict --checkpoint` both resolve paths with it.
+
+    A workdir holding `params.npz` gives that file. A multi-phase workdir (no `params.npz`,
+    but `<phase>/params.npz` sub-directories) gives the phase whose params file was written
+    last, i.e. the last phase that finished. A directory with neither is an error listing what
+    it holds. A path that does not exist is returned unchanged, for `checkpoint.load` to report.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return path
+    own = os.path.join(path, PARAMS_FILE)
+    if os.path.isfile(own):
+        return own
+    entries = sorted(os.listdir(path))
+    phases = [e for e in entries if os.path.isfile(os.path.join(path, e, PARAMS_FILE))]
+    if not phases:
+        shown = ", ".join(entries[:20]) + (" ..." if len(entries) > 20 else "") or "nothing"
+        raise FileNotFoundError(
+            f"Checkpoint directory {path!r} has no {PARAMS_FILE} and no phase sub-directory "
+            f"with one (it holds: {shown}). Pass a released-format .npz file, or the workdir of "
+            "a finished training run."
+        )
+    latest = max(phases, key=lambda p: (os.path.getmtime(os.path.join(path, p, PARAMS_FILE)), p))
+    return os.path.join(path, latest, PARAMS_FILE)
 
 
 def load(path: str | os.PathLike) -> Params:
@@ -495,8 +525,40 @@ def adapt_for_finetuning(
         )
         params["Transformer"]["posembed_input"]["pos_embedding"] = resampled
 
+    check_mixer_tokens(params, expected)
     params = inspect_params(params=params, expected=expected)
     return scan_params(params) if target_scanned else params
+
+
+_MIXER_TOKEN_KERNEL = ("MixerBlock_0", "token_mixing", "Dense_0", "kernel")
+
+
+def check_mixer_tokens(restored: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
+    """CheckpointError naming the resolution a Mixer checkpoint needs, if its token count differs.
+
+    A Mixer's token-mixing weights are sized by the number of patches, so unlike a ViT's
+    position table they cannot be resampled: the model must see the checkpoint's grid.
+    """
+    old, new = _get_path(restored, _MIXER_TOKEN_KERNEL), _get_path(expected, _MIXER_TOKEN_KERNEL)
+    if old is None or new is None or np.shape(old)[0] == np.shape(new)[0]:
+        return
+    tokens, model_tokens = np.shape(old)[0], np.shape(new)[0]
+    stem = _get_path(restored, ("stem", "kernel"))
+    patch = np.shape(stem)[0] if stem is not None else None
+    side = math.isqrt(tokens)
+    if patch and side * side == tokens:
+        size = side * patch
+        needed = (
+            f"it was trained at {size} px ({side}×{side} patches of {patch} px): fine-tune at "
+            f"image_size={size} (--config.image_size={size})"
+        )
+    else:
+        needed = f"use an image size that gives {tokens} patches"
+    raise CheckpointError(
+        f"The Mixer checkpoint has {tokens} tokens, the model at this image size has "
+        f"{model_tokens}. Mixer's token-mixing weights are sized by the number of patches and "
+        f"cannot be resampled like a ViT's position table; {needed}."
+    )
 
 
 def _as_plain_dict(tree: Mapping[str, Any]) -> Params:

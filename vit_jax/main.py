@@ -1,26 +1,66 @@
-"""Command line: `python -m vit_jax.main --workdir=DIR [--config=FILE[:args]] [--config.k=v]`.
+"""Trains a ViT or MLP-Mixer and writes its params in the released format.
 
-Without `--config` it runs the offline main job `configs/default.py` (found as the module
-`configs.default`, installed with the package). The config is locked, so an override of a key
-the config does not declare fails naming the key. A config with `phases` runs its sub-configs in
-order (`train.train_phases`); any other runs `train.train_and_evaluate`.
+    python -m vit_jax.main --workdir=DIR [--config=FILE[:ARGS]] [--config.KEY=VALUE ...]
 
-Multi-host: run the same command once per host with `--distributed` (JAX detects Cloud TPU
-pods, SLURM, Open MPI and Kubernetes) or with `--coordinator_address=HOST:PORT
---num_processes=N --process_id=I`; the workdir must be a directory every process sees.
+Configs (--config):
+  (none)                               the offline main job, configs/default.py: pretrain a
+                                       small ViT on the embedded digits, then fine-tune it
+  configs/finetune.py:MODEL,DATASET    fine-tuning recipe, e.g. ViT-B_16,cifar10; datasets:
+                                       cifar10, cifar100, imagenet2012, oxford_iiit_pet,
+                                       oxford_flowers102, folder:/path/to/images
+  configs/pretrain.py:MODEL            ImageNet-21k pretraining recipe, e.g. ViT-B_16
+Overrides: --config.KEY=VALUE after --config, e.g. --config.pretrained=ViT-B_16.npz,
+  --config.batch_size=256, --config.model.transformer.dropout_rate=0.1. Every key is declared,
+  with its default and a one-line comment, in configs/common.py; an undeclared key is an error.
+  The default job has two phases: their keys are --config.pretrain.KEY and --config.finetune.KEY.
+Outputs in --workdir: params.npz (released format), checkpoints/ (rerun the same command to
+  resume), train.log and TensorBoard event files. --verbose shows framework log lines and
+  tracebacks.
+Multi-host: the same command once per host with --distributed (Cloud TPU pods, SLURM, Open MPI,
+  Kubernetes are detected) or --coordinator_address=HOST:PORT --num_processes=N
+  --process_id=I; the workdir must be a directory every process sees.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
+import os
 import sys
+from collections.abc import Iterator
 from typing import NoReturn
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from vit_jax import multihost, train
+
+@contextlib.contextmanager
+def _native_stderr_hidden(hide: bool) -> Iterator[None]:
+    """Sends file descriptor 2 to /dev/null inside (when `hide`).
+
+    TensorFlow's native libraries print notices (oneDNN, absl::InitializeLog) at import, before
+    any log level applies; the console shows them only with --verbose. Python errors raised
+    inside still reach the console: they are printed after the descriptor is restored.
+    """
+    if not hide:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+with _native_stderr_hidden("--verbose" not in sys.argv):
+    from vit_jax import multihost, train  # imports TensorFlow (vit_jax.input_pipeline)
 
 
 def default_config_path() -> str:
@@ -50,10 +90,37 @@ def _unknown_key_message(error: Exception, argv: list[str]) -> str | None:
         for part in (
             f"Unknown config key --{named[0]}: the config declares no {key!r}.",
             hint,
+            _phase_hint(named[0].removeprefix("config."), argv),
             "Only declared keys can be overridden (see configs/common.py).",
         )
         if part
     )
+
+
+def _phase_hint(dotted_key: str, argv: list[str]) -> str:
+    """For a config with phases: 'Write --config.<phase>.<key>' naming the phases that have it."""
+    try:
+        config = _load_config(argv)
+    except Exception:  # the hint is optional; the unknown-key message stands without it
+        return ""
+    if "phases" not in config:
+        return ""
+    first = dotted_key.split(".")[0]
+    having = [p for p in config.phases if first in config[p]]
+    if not having:
+        return ""
+    written = " or ".join(f"--config.{p}.{dotted_key}" for p in having)
+    return f"This config runs phases {tuple(config.phases)}: write {written}."
+
+
+def _load_config(argv: list[str]):
+    """The config named by argv's --config (or the default), without its overrides."""
+    value = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    path, _, arg = (value or default_config_path()).partition(":")
+    spec = importlib.util.spec_from_file_location("_vit_jax_run_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
 
 
 def _config_file_message(message: str) -> str:
@@ -84,6 +151,12 @@ try:  # without --config, the default config and its overrides are parsed right 
 except (AttributeError, KeyError) as e:
     _fail_on_unknown_key(e, sys.argv)
 flags.mark_flag_as_required("workdir")
+_VERBOSE = flags.DEFINE_bool(
+    "verbose",
+    False,
+    "Show framework log lines (orbax, TensorFlow, JAX) on the console and the traceback of an "
+    "error; by default the console shows the run's own lines and errors as one message.",
+)
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed",
     False,
@@ -120,14 +193,47 @@ def parse_flags(argv: list[str]) -> list[str]:
         _fail_on_unknown_key(e, argv)
 
 
+class _ConsoleFormatter(logging.Formatter):
+    """`HH:MM:SS message` (warnings and errors prefixed with their level): a console to read."""
+
+    def __init__(self):
+        super().__init__("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.levelno >= logging.WARNING:
+            time_text, _, message = text.partition(" ")
+            return f"{time_text} {record.levelname}: {message}"
+        return text
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.INFO)
+    if not _VERBOSE.value:
+        console = absl_logging.get_absl_handler()
+        console.addFilter(train.is_run_record)
+        console.setFormatter(_ConsoleFormatter())
     try:
         config = _CONFIG.value
     except OSError as e:  # config_flags defers a missing config file to its first use
         raise app.UsageError(str(e)) from e
+    try:
+        final = _train(config)
+    except Exception as e:  # one message, not a traceback; train.log has the same line
+        if _VERBOSE.value:
+            raise
+        sys.stderr.write(f"Error: {e}\n(--verbose shows the traceback)\n")
+        sys.exit(1)
+    print(
+        f"final test accuracy {final['accuracy']:.4f} (top-5 {final['accuracy_top5']:.4f}, "
+        f"loss {final['loss']:.4f}, {int(final['count'])} examples)"
+    )
+
+
+def _train(config) -> dict[str, float]:
+    """Starts the multi-process runtime if asked, runs the config; the last phase's metrics."""
     cluster = (_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if _DISTRIBUTED.value or any(value is not None for value in cluster):
         multihost.initialize(
@@ -137,14 +243,8 @@ def main(argv: list[str]) -> None:
             heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value,
         )
     if "phases" in config:
-        results = train.train_phases(config, _WORKDIR.value)
-        final = results[config.phases[-1]]
-    else:
-        _, final = train.train_and_evaluate(config, _WORKDIR.value)
-    print(
-        f"final test accuracy {final['accuracy']:.4f} (top-5 {final['accuracy_top5']:.4f}, "
-        f"loss {final['loss']:.4f}, {int(final['count'])} examples)"
-    )
+        return train.train_phases(config, _WORKDIR.value)[config.phases[-1]]
+    return train.train_and_evaluate(config, _WORKDIR.value)[1]
 
 
 if __name__ == "__main__":

@@ -17,12 +17,13 @@ import flax.linen as nn
 import ml_collections
 
 from vit_jax.models_mixer import MlpMixer
-from vit_jax.models_vit import VisionTransformer
+from vit_jax.models_vit import VisionTransformer, check_num_classes
 
 __all__ = [
     "MODEL_CONFIGS",
     "MlpMixer",
     "VisionTransformer",
+    "check_model_config",
     "get_config",
     "get_model",
     "model_config",
@@ -101,6 +102,27 @@ def _mixer_config(name: str, row: tuple) -> ml_collections.ConfigDict:
     )
 
 
+# The fields that fix a zoo model's architecture; a config named after a zoo model must have the
+# zoo's values for them. The rest (dropout, representation_size, head_bias_init, num_classes)
+# are options a recipe sets.
+ARCHITECTURE_FIELDS = (
+    "patches.size",
+    "hidden_size",
+    "transformer.mlp_dim",
+    "transformer.num_heads",
+    "transformer.num_layers",
+    "resnet.num_layers",
+    "resnet.width_factor",
+    "classifier",
+    "hidden_dim",
+    "num_blocks",
+    "tokens_mlp_dim",
+    "channels_mlp_dim",
+)
+# Zoo entries whose architecture fields a config may set freely (the tiny test-bed models,
+# e.g. sized up by the offline default job).
+FREE_FORM = ("testing", "testing-unpooled")
+
 MODEL_CONFIGS: dict[str, ml_collections.FrozenConfigDict] = {
     **{n: ml_collections.FrozenConfigDict(_vit_config(n, r)) for n, r in _VIT_TABLE.items()},
     **{n: ml_collections.FrozenConfigDict(_mixer_config(n, r)) for n, r in _MIXER_TABLE.items()},
@@ -157,6 +179,43 @@ def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
     return config
 
 
+def check_model_config(config: Mapping[str, Any]) -> None:
+    """ValueError unless `config.model_name` is a zoo name whose architecture `config` has.
+
+    The name picks the class and names the run; it does not set the fields, so a config whose
+    name says ViT-B_16 but whose fields are another model's would train (and record) the wrong
+    model. The `FREE_FORM` test-bed entries may take any size.
+    """
+    name = config.get("model_name")
+    _check_name(name)
+    if name in FREE_FORM:
+        return
+    zoo = MODEL_CONFIGS[name]
+    differences = []
+    for field in ARCHITECTURE_FIELDS:
+        got, want = _field_value(config, field), _field_value(zoo, field)
+        if got != want:
+            differences.append(f"{field} {got} ({name}: {want})")
+    if differences:
+        raise ValueError(
+            f"config.model.model_name={name!r}, but the model's fields are not {name}'s: "
+            f"{'; '.join(differences)}. The name alone does not choose the model: pick it with "
+            f"the recipe argument (--config=configs/finetune.py:{name},<dataset> or "
+            f"--config=configs/pretrain.py:{name}); for a model of another size start from "
+            f"{FREE_FORM[0]!r}, the zoo's free-form entry."
+        )
+
+
+def _field_value(config: Any, dotted: str) -> Any:
+    """The value at `dotted` ('a.b'), with sequences as tuples; None where it is absent."""
+    node = config
+    for part in dotted.split("."):
+        if node is None or not hasattr(node, "get"):
+            return None
+        node = node.get(part)
+    return tuple(node) if isinstance(node, (list, tuple)) else node
+
+
 def get_model(name: str, **overrides: Any) -> nn.Module:
     """The zoo model `name` with overrides: `get_model('ViT-B_16', num_classes=10)`.
 
@@ -165,4 +224,5 @@ def get_model(name: str, **overrides: Any) -> nn.Module:
     """
     if "num_classes" not in overrides:
         raise ValueError(f"get_model({name!r}) needs num_classes= (0 or None for features).")
+    check_num_classes(overrides["num_classes"])
     return model_class(name)(**model_config(name, **overrides))

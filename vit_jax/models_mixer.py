@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vit_jax.models_vit import IdentityLayer, _field, check_image_size
+from vit_jax.models_vit import IdentityLayer, _field, check_image_size, check_num_classes
 
 
 class MlpBlock(nn.Module):
@@ -57,6 +57,7 @@ class MlpMixer(nn.Module):
     def __call__(self, inputs: jax.Array, *, train: bool) -> jax.Array:
         del train  # Mixer has no dropout.
         patch_size = tuple(_field(self.patches, "size"))
+        check_num_classes(self.num_classes)
         check_image_size(inputs.shape[1:3], patch_size, 1, self.model_name)
         x = nn.Conv(self.hidden_dim, patch_size, strides=patch_size, dtype=self.dtype, name="stem")(
             inputs.astype(self.dtype)

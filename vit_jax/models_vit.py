@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -40,6 +41,14 @@ REMAT_POLICIES = (
     "dots_with_no_batch_dims_saveable",
 )
 LAYERNORM_EPSILON = 1e-6
+# What a `transformer` config without these keys gets: the original Encoder's defaults. One
+# place, read by the model and by the training config's checks (`transformer_option`).
+TRANSFORMER_DEFAULTS = {"dropout_rate": 0.1, "attention_dropout_rate": 0.1}
+
+
+def transformer_option(transformer: Any, key: str) -> Any:
+    """`transformer[key]`, or its default from TRANSFORMER_DEFAULTS when the config lacks it."""
+    return _field(transformer, key, TRANSFORMER_DEFAULTS.get(key))
 
 
 def _field(config: Any, key: str, default: Any = None) -> Any:
@@ -463,6 +472,7 @@ class VisionTransformer(nn.Module):
             batch_chunks=self.batch_chunks,
             matmul_dtype=self.matmul_dtype,
         )
+        check_num_classes(self.num_classes)
         check_image_size(
             inputs.shape[1:3], self.patch_size, stem_stride(self.resnet), self.model_name
         )
@@ -497,8 +507,8 @@ class VisionTransformer(nn.Module):
             num_layers=_field(self.transformer, "num_layers"),
             mlp_dim=_field(self.transformer, "mlp_dim"),
             num_heads=_field(self.transformer, "num_heads"),
-            dropout_rate=_field(self.transformer, "dropout_rate", 0.1),
-            attention_dropout_rate=_field(self.transformer, "attention_dropout_rate", 0.1),
+            dropout_rate=transformer_option(self.transformer, "dropout_rate"),
+            attention_dropout_rate=transformer_option(self.transformer, "attention_dropout_rate"),
             dtype=self.dtype,
             attention_impl=self.attention_impl,
             remat_policy=self.remat_policy,
@@ -534,6 +544,20 @@ def stem_stride(resnet: Any | None) -> int:
     if resnet is None:
         return 1
     return models_resnet.stem_stride(len(tuple(_field(resnet, "num_layers"))))
+
+
+def check_num_classes(num_classes: Any) -> None:
+    """ValueError unless `num_classes` is None, 0 (no head) or a positive integer."""
+    valid = num_classes is None or (
+        isinstance(num_classes, numbers.Integral)
+        and not isinstance(num_classes, bool)
+        and num_classes >= 0
+    )
+    if not valid:
+        raise ValueError(
+            f"num_classes must be a positive integer (the head's size), or 0 / None for a model "
+            f"without a head that returns features; got {num_classes!r}."
+        )
 
 
 def check_image_size(

@@ -8,6 +8,7 @@ applies at that step, and the first update already has a non-zero lr.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -40,8 +41,9 @@ def learning_rate_schedule(
     """
     if decay_type not in DECAY_TYPES:
         raise ValueError(f"Unknown decay_type={decay_type!r}; valid values: {DECAY_TYPES}.")
-    if base_lr < 0 or linear_end < 0:
-        raise ValueError(f"Learning rates must be ≥ 0: base_lr={base_lr}, linear_end={linear_end}.")
+    for key, value in (("base_lr", base_lr), ("linear_end", linear_end)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{key} must be ≥ 0 and finite (a learning rate), got {value}.")
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be ≥ 0, got {warmup_steps}.")
     if total_steps <= warmup_steps:

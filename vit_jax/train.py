@@ -33,7 +33,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +52,7 @@ OPTIM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 COMPUTE_DTYPES = OPTIM_DTYPES
 EVAL_CROPS = ("resize", "resize_small_crop")
 PHASE_PREFIX = "phase:"  # `pretrained = 'phase:<name>'` = the params.npz of an earlier phase
-PARAMS_FILE = "params.npz"
+PARAMS_FILE = checkpoint.PARAMS_FILE
 CHECKPOINT_DIR = "checkpoints"  # resumable checkpoints, one sub-directory per step
 UNREADABLE_DIR = "checkpoints_unreadable"  # where unreadable checkpoints are moved aside
 LOG_FILE = "train.log"
@@ -90,47 +90,95 @@ class TrainingInterrupted(SystemExit):
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str
+    config: ml_collections.ConfigDict, workdir: str, *, phase: str = ""
 ) -> tuple[TrainState, Metrics]:
     """Trains `config` in `workdir`; returns the final (host) state and the final eval metrics.
 
     Resumes from the latest readable checkpoint in `<workdir>/checkpoints`; a run that already
     reached `total_steps` is evaluated, not trained again. Raises `TrainingInterrupted` after
     SIGTERM/SIGINT (a checkpoint is written first) and FloatingPointError naming the step when
-    the loss is not finite (no checkpoint holds non-finite values).
+    the loss is not finite (no checkpoint holds non-finite values). Any error that stops the run
+    is also written to `train.log`. `phase` names the run in its first log line.
     """
     validate_config(config, jax.device_count(), jax.local_device_count())
-    os.makedirs(workdir, exist_ok=True)
+    make_workdir(workdir)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_log_to_file(workdir))
-        writer = stack.enter_context(_metric_writer(workdir))
-        checkpoints = stack.enter_context(
-            Checkpoints(os.path.join(workdir, CHECKPOINT_DIR), config.keep_checkpoints)
-        )
-        return _run(config, workdir, writer, checkpoints)
+        _LOG.info("%s", describe_run(config, phase))
+        try:
+            writers = stack.enter_context(_metric_writers(workdir))
+            checkpoints = stack.enter_context(
+                Checkpoints(os.path.join(workdir, CHECKPOINT_DIR), config.keep_checkpoints)
+            )
+            return _run(config, workdir, writers, checkpoints, phase)
+        except Exception as e:
+            _LOG.error("The run stopped: %s: %s", type(e).__name__, e, extra={"file_only": True})
+            raise
 
 
 def train_phases(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Metrics]:
     """Runs each of `config.phases` (a sub-config each) in `<workdir>/<phase>`, in order.
 
     A phase whose `pretrained` is `'phase:<name>'` starts from that earlier phase's params.
-    Returns the final eval metrics per phase. Completed phases are not trained again.
+    Every phase's config is checked before the first one starts. Returns the final eval
+    metrics per phase. Completed phases are not trained again.
     """
+    phases = resolve_phases(config, workdir)
+    make_workdir(workdir)
     results = {}
+    for name, phase in phases.items():
+        _, results[name] = train_and_evaluate(phase, os.path.join(workdir, name), phase=name)
+    return results
+
+
+def resolve_phases(
+    config: ml_collections.ConfigDict, workdir: str
+) -> dict[str, ml_collections.ConfigDict]:
+    """`{phase: config}` in run order, `'phase:<name>'` resolved to `<workdir>/<name>`.
+
+    Each phase is validated here (ValueError naming the phase and its key, e.g.
+    `config.finetune.base_lr`), so a bad later phase fails before an earlier one trains.
+    """
+    phases = {}
     for name in config.phases:
         phase = config[name]
-        if phase.pretrained.startswith(PHASE_PREFIX):
+        from_phase = phase.pretrained.startswith(PHASE_PREFIX)
+        if from_phase:
             source = phase.pretrained[len(PHASE_PREFIX) :]
-            if source not in results:
+            if source not in phases:
                 raise ValueError(
-                    f"Phase {name!r} starts from phase {source!r}, which has not run before it; "
-                    f"phases run in the order {tuple(config.phases)}."
+                    f"Phase {name!r} starts from phase {source!r}, which does not run before "
+                    f"it; phases run in the order {tuple(config.phases)}."
                 )
             phase = phase.copy_and_resolve_references()
             phase.pretrained = os.path.join(workdir, source)
-        _LOG.info("phase %s", name)
-        _, results[name] = train_and_evaluate(phase, os.path.join(workdir, name))
-    return results
+        try:
+            validate_config(phase, jax.device_count(), jax.local_device_count())
+            resuming = os.path.isdir(os.path.join(workdir, name, CHECKPOINT_DIR))
+            if phase.pretrained and not from_phase and not resuming:
+                checkpoint.check_exists(checkpoint.resolve_params_file(phase.pretrained))
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"Phase {name!r} (--config.{name}.<key>): {e}") from None
+        phases[name] = phase
+    return phases
+
+
+def make_workdir(workdir: str) -> None:
+    """Creates `workdir` (and its parents); ValueError naming the path when it cannot be one."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(
+            f"workdir {workdir!r} cannot be a directory: it, or a folder above it, is a file. "
+            "Pass a directory path (it is created if missing)."
+        ) from None
+    except PermissionError as e:
+        raise ValueError(
+            f"workdir {workdir!r} cannot be created: permission denied for {e.filename!r}. "
+            "Pass a directory you can write to."
+        ) from None
+    if not os.access(workdir, os.W_OK | os.X_OK):
+        raise ValueError(f"workdir {workdir!r} is not writable; pass a directory you can write to.")
 
 
 def validate_config(
@@ -153,6 +201,7 @@ def validate_config(
     _check_choice("decay_type", config.decay_type, optim.DECAY_TYPES)
     _check_choice("optim_dtype", config.optim_dtype, tuple(OPTIM_DTYPES))
     _check_choice("eval_crop", config.eval_crop, EVAL_CROPS)
+    models.check_model_config(config.model)
     _check_model_options(config)
     if config.label_smoothing and config.loss != "softmax_xent":
         raise ValueError("label_smoothing applies to loss='softmax_xent' only.")
@@ -168,6 +217,27 @@ def validate_config(
             raise ValueError(f"{key} must be ≥ 0 (0 = only at the end), got {config[key]}.")
     _check_patch_grid(config.model, config.image_size)
     make_optimizer(config, make_schedule(config))  # lr, warmup, steps, optimizer options
+
+
+def describe_run(config: ml_collections.ConfigDict, phase: str = "") -> str:
+    """One line saying what is trained on what: model, dataset, image size, steps, devices."""
+    model = config.model
+    if "transformer" in model:
+        t = model.transformer
+        shape = f"width {model.hidden_size}, {t.num_layers} layers, {t.num_heads} heads"
+    else:
+        shape = f"width {model.hidden_dim}, {model.num_blocks} blocks"
+    patch = "×".join(map(str, model.patches.size))
+    start = f", from {config.pretrained}" if config.pretrained else ", from scratch"
+    devices = f"{jax.device_count()} device{'s' * (jax.device_count() > 1)}"
+    if jax.process_count() > 1:
+        devices += f" in {jax.process_count()} processes"
+    return (
+        f"{phase + ': ' if phase else ''}training {model.model_name} ({shape}, {patch} px "
+        f"patches) on {config.dataset} [{config.train_split}] at {config.image_size} px, "
+        f"{config.total_steps:,} steps of batch {config.batch_size} on {devices}{start}; "
+        f"evaluating on [{config.test_split}]"
+    )
 
 
 def make_model(config: ml_collections.ConfigDict, num_classes: int):
@@ -236,7 +306,7 @@ def create_state(
     params = init(jax.random.PRNGKey(config.seed))
     if config.pretrained and load_pretrained:
         params = checkpoint.load_pretrained(
-            pretrained_path=_pretrained_file(config.pretrained),
+            pretrained_path=checkpoint.resolve_params_file(config.pretrained),
             init_params=jax.device_get(params),
             model_config=config.model,
         )
@@ -547,13 +617,18 @@ def _check_same_layout(restored: Any, target: Any) -> None:
 def _run(
     config: ml_collections.ConfigDict,
     workdir: str,
-    writer: metric_writers.MetricWriter,
+    writers: _Writers,
     checkpoints: Checkpoints,
+    phase: str = "",
 ) -> tuple[TrainState, Metrics]:
     resuming = bool(checkpoints.steps())
     if config.pretrained and not resuming:  # before a dataset download, not after
-        checkpoint.check_exists(_pretrained_file(config.pretrained))
+        checkpoint.check_exists(checkpoint.resolve_params_file(config.pretrained))
     info = _dataset_info(config)
+    counts = " / ".join(f"{n:,} {split}" for split, n in info.num_examples.items())
+    _LOG.info(
+        "%s%s: %s examples, %d classes", phase and f"{phase}: ", info.name, counts, info.num_classes
+    )
     model = make_model(config, info.num_classes)
     schedule = make_schedule(config)
     state = create_state(config, model, schedule, load_pretrained=not resuming)
@@ -565,7 +640,7 @@ def _run(
             "Resuming from the checkpoint of step %d in %s.", start_step, checkpoints.directory
         )
     else:
-        writer.write_hparams(_flat_hparams(config))
+        writers.tensorboard.write_hparams(_flat_hparams(config))
     if start_step > config.total_steps:
         raise ValueError(
             f"{checkpoints.directory} holds a checkpoint of step {start_step}, beyond "
@@ -577,13 +652,13 @@ def _run(
 
     def run_eval(params, step: int) -> Metrics:
         metrics = evaluate(p_eval_step, params, eval_batches)
-        writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+        writers.tensorboard.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
         _LOG.info("step %d eval %s", step, _fmt(metrics))
         return metrics
 
     params_file = os.path.join(workdir, PARAMS_FILE)
     if start_step < config.total_steps:
-        state = _train(config, state, rng, start_step, schedule, checkpoints, writer, run_eval)
+        state = _train(config, state, rng, start_step, schedule, checkpoints, writers, run_eval)
     else:
         _LOG.info("Already trained to step %d (total_steps); evaluating only.", config.total_steps)
     eval_metrics = run_eval(jax_utils.replicate(state.params), config.total_steps)
@@ -602,7 +677,7 @@ def _train(
     start_step: int,
     schedule: optim.Schedule,
     checkpoints: Checkpoints,
-    writer: metric_writers.MetricWriter,
+    writers: _Writers,
     run_eval: Callable[[Any, int], Metrics],
 ) -> TrainState:
     """Steps `start_step + 1 … total_steps`; returns the final host state.
@@ -614,8 +689,10 @@ def _train(
     p_train_step = make_train_step(config, schedule)
     batches = input_pipeline.prefetch_to_device(_train_batches(config, start_step))
     pstate, prng = jax_utils.replicate(state), jax_utils.replicate(rng)
-    progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer)
-    train_metrics = _TrainMetrics(writer, checkpoints, start_step + 1, config.batch_size)
+    progress = periodic_actions.ReportProgress(
+        num_train_steps=config.total_steps, writer=writers.tensorboard
+    )
+    train_metrics = _TrainMetrics(writers.metrics, checkpoints, start_step + 1, config.batch_size)
     try:
         with _StopSignals() as signals:
             agreed_stop = multihost.AgreedStop()
@@ -784,8 +861,8 @@ class _StopSignals:
 def _log_to_file(workdir: str) -> Iterator[None]:
     """Copies the run's log lines (Python and absl, INFO and up) to `<workdir>/train.log`.
 
-    The `vit_jax` and `absl` loggers are lowered to INFO for the run if set higher; orbax's INFO
-    lines are left out of the file.
+    The `vit_jax` and `absl` loggers are lowered to INFO for the run if set higher; framework
+    INFO chatter is left out of the file (`is_run_record`), the reason a run stopped is kept.
     """
     index = jax.process_index()
     name = LOG_FILE if index == 0 else f"train.process{index}.log"
@@ -794,7 +871,7 @@ def _log_to_file(workdir: str) -> Iterator[None]:
     handler.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] %(message)s")
     )
-    handler.addFilter(_not_orbax_chatter)
+    handler.addFilter(_is_file_record)
     loggers = [logging.getLogger(n) for n in ("vit_jax", "absl")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -811,19 +888,56 @@ def _log_to_file(workdir: str) -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _not_orbax_chatter(record: logging.LogRecord) -> bool:
-    """Keeps orbax's warnings but not its dozens of INFO lines per checkpoint (ours say enough)."""
-    return record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+# Packages whose INFO lines are the run's own: ours, and clu's metric lines and ETA reports.
+_RUN_LOG_SOURCES = (f"{os.sep}vit_jax{os.sep}", f"{os.sep}clu{os.sep}")
+
+
+def is_run_record(record: logging.LogRecord) -> bool:
+    """Whether a log line belongs on the console: warnings and errors, and the run's own lines.
+
+    Framework INFO chatter (orbax's dozens of lines per checkpoint, TensorFlow, JAX) is left
+    out; so are records marked `file_only` (the reason a run stopped, which `main` prints as
+    its one error line).
+    """
+    if getattr(record, "file_only", False):
+        return False
+    return record.levelno >= logging.WARNING or any(
+        source in record.pathname for source in _RUN_LOG_SOURCES
+    )
+
+
+def _is_file_record(record: logging.LogRecord) -> bool:
+    """What train.log keeps: the console's lines plus the reason the run stopped."""
+    return getattr(record, "file_only", False) or is_run_record(record)
+
+
+class _Writers(NamedTuple):
+    """`metrics` goes to TensorBoard and the console; `tensorboard` to TensorBoard only."""
+
+    metrics: metric_writers.MetricWriter  # train scalars
+    tensorboard: metric_writers.MetricWriter  # eval (logged as one line), hparams, steps/s
 
 
 @contextlib.contextmanager
-def _metric_writer(workdir: str) -> Iterator[metric_writers.MetricWriter]:
-    """clu's default writer: TensorBoard + log lines (log lines only off process 0)."""
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+def _metric_writers(workdir: str) -> Iterator[_Writers]:
+    """Writers sharing one TensorBoard event file; off process 0, log lines only.
+
+    The hyper-parameter table and clu's steps/s and uptime scalars go to TensorBoard only: the
+    console has the config's one-line summary and clu's ETA line instead.
+    """
+    console = metric_writers.LoggingWriter()
+    if jax.process_index() > 0:
+        summary = None
+        metrics = metric_writers.AsyncMultiWriter([console])
+    else:
+        summary = metric_writers.SummaryWriter(workdir)
+        metrics = metric_writers.AsyncMultiWriter([console, summary])
+    tensorboard = metric_writers.MultiWriter([summary] if summary else [])
     try:
-        yield writer
+        yield _Writers(metrics, tensorboard)
     finally:
-        writer.close()  # flushes pending (asynchronous) writes
+        metrics.flush()  # pending asynchronous writes, before the shared file is closed
+        metrics.close()
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, bool | int | float | str]:
@@ -931,7 +1045,10 @@ def _check_model_options(config: ml_collections.ConfigDict) -> None:
             "(attention_impl, remat_policy, scan_layers, batch_chunks and matmul_dtype are ViT "
             "options)."
         )
-    attention_dropout = config.model.get("transformer", {}).get("attention_dropout_rate", 0.0)
+    transformer = config.model.get("transformer")
+    attention_dropout = (
+        models_vit.transformer_option(transformer, "attention_dropout_rate") if transformer else 0
+    )
     if config.attention_impl != "flax" and attention_dropout:
         raise ValueError(
             f"attention_impl={config.attention_impl!r} has no attention dropout, but the model's "
@@ -949,8 +1066,3 @@ def _check_patch_grid(model_config: ml_collections.ConfigDict, image_size: int) 
         models_vit.stem_stride(resnet),
         model_config.model_name,
     )
-
-
-def _pretrained_file(path: str) -> str:
-    """`path` itself, or `<path>/params.npz` when `path` is a workdir."""
-    return os.path.join(path, PARAMS_FILE) if os.path.isdir(path) else path
