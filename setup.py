@@ -13,6 +13,8 @@ INSTALL_REQUIRES = [
     "clu>=0.0.12",
     "ml-collections>=1.1.0",
     "tensorflow-datasets>=4.9.10",
+    # tfds imports it (downloading, `tfds build`) on Python 3.11 without declaring it.
+    "importlib_resources>=6.4",
     "tensorflow-cpu>=2.21.0",
     "tensorboard>=2.21.0",  # clu's summary writer needs it and does not declare it.
     "etils[epath]>=1.15.0",
