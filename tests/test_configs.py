@@ -1,7 +1,7 @@
 """Tests for the run configs: common's model sections, default, pretrain and finetune recipes.
 
 Every config is built with its documented arguments and must pass `train.validate_config` on 8
-devices; the recipe numbers are those of REFERENCE §6.
+devices; the recipe numbers are those of the ViT paper and the original vit_jax configs.
 """
 
 import math
@@ -42,11 +42,11 @@ def test_model_config_rejects_unknown_names_and_keys():
 
 
 # ----------------------------------------------------------------------------------------------
-# Run configs: default, pretrain and finetune recipes (REFERENCE §6).
+# Run configs: default, pretrain and finetune recipes (the ViT paper, the original's configs).
 
 POOLED = [n for n, c in models.MODEL_CONFIGS.items() if c.get("classifier", "gap") in POOLING]
 FINETUNE_DATASETS = [*(d for d in finetune.PRESETS if d != finetune.FOLDER), "folder:/data/x"]
-# dataset: (train split, test split, total steps, warmup steps), as in REFERENCE §6.
+# dataset: (train split, test split, total steps, warmup steps), as in the original's configs.
 RECIPE_STEPS = {
     "cifar10": ("train[:98%]", "test", 10_000, 500),
     "cifar100": ("train[:98%]", "test", 10_000, 500),

@@ -9,8 +9,8 @@ in fp32 on random weights (every leaf re-drawn, so the zero-initialised head can
   head of the wrong size), `checkpoint.load` reads back the very same arrays, and timm computes
   the same logits as our Flax model (token and GAP classifiers, unrolled and `scan=True`);
 - the other way round, a timm model's weights exported as a released-format file by this module
-  (key mapping written here from REFERENCE.md §2 and checked against timm's own reader) load with
-  `checkpoint.load` into our model, which then computes timm's logits.
+  (key mapping written here from the released files' names and checked against timm's own
+  reader) load with `checkpoint.load` into our model, which then computes timm's logits.
 
 timm uses exact GELU by default; the released models use the tanh approximation, hence
 `act_layer='gelu_tanh'` (a test below shows the comparison is sharp enough to tell the two apart).
@@ -166,7 +166,7 @@ def _timm_model(classifier: str, act_layer: str = "gelu_tanh"):
         act_layer=act_layer,
         **pooling,
     ).eval()
-    # The released models' LayerNorm epsilon (REFERENCE.md §1); timm's ViT default.
+    # The released models' LayerNorm epsilon (1e-6, the original's); timm's ViT default.
     assert {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-6}
     return model
 
@@ -221,7 +221,7 @@ def _timm_state_from_ours(params: dict) -> dict[str, np.ndarray]:
 
 
 def _released_from_timm(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A timm ViT state dict as the flat arrays of a released `.npz` (REFERENCE.md §2 names)."""
+    """A timm ViT state dict as the flat arrays of a released `.npz` (released names)."""
     head_dim = HIDDEN // HEADS
     flat = {
         "embedding/kernel": state["patch_embed.proj.weight"].transpose(2, 3, 1, 0),  # → HWIO

@@ -1,8 +1,9 @@
 """Model tests: zoo parameter counts, pinned parameter trees, golden numerics, options, errors.
 
 The golden tests compare the Flax models with an independent NumPy forward pass written from the
-reference facts (REFERENCE.md §1-§3), run on random parameters (every leaf re-drawn, including
-the zero-initialised head, so nothing cancels trivially). Big models are only ever traced with
+original implementation's behaviour (its modules, numerics and parameter names), run on random
+parameters (every leaf re-drawn, including the zero-initialised head, so nothing cancels
+trivially). Big models are only ever traced with
 `jax.eval_shape`; everything that runs uses tiny models and 16-32 px images.
 """
 
@@ -161,7 +162,7 @@ HYBRID_IMAGE = (2, 32, 32, 3)
 MIXER_IMAGE = (2, 32, 24, 3)
 
 # ----------------------------------------------------------------------------------------------
-# 1. The zoo: exact parameter counts (REFERENCE §4; num_classes=1000, 224 px).
+# 1. The zoo: exact parameter counts (the original's models_test.py; num_classes=1000, 224 px).
 
 EXPECTED_PARAM_COUNTS = {
     "testing": 21_390,
@@ -207,14 +208,14 @@ def test_zoo_param_count(name):
 
 
 def test_r_ti_16_is_really_32_px_patches():
-    # REFERENCE §3: root only (/4) and patch 8, so a 7 x 7 grid at 224 px.
+    # The original's R+ViT-Ti_16: the ResNet root only (/4) and patch 8, so a 7 x 7 grid at 224 px.
     params, _ = abstract_init(models.get_model("R+ViT-Ti_16", num_classes=10), (1, 224, 224, 3))
     assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 1 + 7 * 7, 192)
     assert not any(k.startswith("block") for k in params)
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Full parameter trees (REFERENCE §1-§3, Linen names).
+# 2. Full parameter trees (the released files' names, Linen numbering).
 
 
 def _block_shapes(prefix: str, d: int, heads: int, mlp: int) -> dict[str, tuple[int, ...]]:
@@ -528,7 +529,8 @@ def np_vit(
     return x
 
 
-# Hybrid stem (REFERENCE §3). The strided 'SAME' convolutions and the max-pool use lax primitives
+# Hybrid stem (the original's models_resnet: BiT-style ResNet root and stages). The strided
+# 'SAME' convolutions and the max-pool use lax primitives
 # (in float32 at HIGHEST precision); standardisation, GroupNorm and the unit structure are here.
 
 
@@ -1073,7 +1075,7 @@ def test_dropout_train_vs_eval_and_determinism(vit_setup):
 
 
 def test_attention_dropout_is_not_broadcast(vit_setup):
-    """REFERENCE §1: each example (and head) draws its own attention-weight dropout mask."""
+    """As in the original (flax attention): each example and head draws its own dropout mask."""
     model, params, x, _ = vit_setup
     attention_dropout_only = model.clone(
         transformer=dict(
