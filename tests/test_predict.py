@@ -395,3 +395,133 @@ def test_checkpoint_errors_are_one_clear_line(saved, tmp_path, capsys):
 
     with pytest.raises(ValueError, match=r"classifier='unpooled'.*token, gap"):
         predict.prepare_for_prediction(checkpoint.load(path), "testing-unpooled")
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-square checkpoints: a 'testing' ViT trained at 32×48 px, i.e. a 2×3 grid of 16 px patches
+# (position table: class row + 6 rows). A checkpoint does not record its grid (6 rows could be
+# 1×6, 2×3, 3×2 or 6×1), so `checkpoint_grid_shape` gives it.
+
+GRID_OVERRIDE = '{"checkpoint_grid_shape": [2, 3]}'
+
+
+@pytest.fixture(scope="module")
+def saved_non_square(tmp_path_factory):
+    model = models.get_model("testing", num_classes=NUM_CLASSES)
+    shapes = jax.eval_shape(
+        lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
+        jax.ShapeDtypeStruct((1, 32, 48, 3), jnp.float32),
+    )["params"]
+    rng = np.random.default_rng(3)
+    params = jax.tree.map(lambda x: (0.5 * rng.standard_normal(x.shape)).astype(np.float32), shapes)
+    assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 7, 10)
+    path = tmp_path_factory.mktemp("ckpt") / "testing_32x48.npz"
+    checkpoint.save(params, path)
+    return str(path), model, params
+
+
+def test_non_square_checkpoint_predicts_at_a_given_size_with_its_grid(saved_non_square):
+    path, model, params = saved_non_square
+    loaded_model, loaded, image_size = predict.load_for_prediction(
+        path, "testing", image_size=32, checkpoint_grid_shape=(2, 3)
+    )
+    assert image_size == 32
+    # The reference: the table resampled from 2×3 to 2×2 by hand, the model run directly.
+    reference = dict(params)
+    reference["Transformer"] = dict(params["Transformer"])
+    reference["Transformer"]["posembed_input"] = {
+        "pos_embedding": checkpoint.interpolate_posembed(
+            params["Transformer"]["posembed_input"]["pos_embedding"],
+            5,
+            True,
+            old_grid_shape=(2, 3),
+            new_grid_shape=(2, 2),
+        )
+    }
+    np.testing.assert_array_equal(
+        loaded["Transformer"]["posembed_input"]["pos_embedding"],
+        reference["Transformer"]["posembed_input"]["pos_embedding"],
+    )
+    images = np.random.default_rng(4).uniform(-1, 1, (3, 32, 32, 3)).astype(np.float32)
+    logits = predict.predict(loaded_model, loaded, images)
+    assert logits.shape == (3, NUM_CLASSES) and np.isfinite(logits).all()
+    np.testing.assert_allclose(logits, apply(model, reference, images), atol=1e-5, rtol=1e-5)
+
+
+def test_non_square_checkpoint_errors_say_what_to_pass(saved_non_square):
+    path, _, _ = saved_non_square
+    # Nothing given: both the grid and the square size to predict at.
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        predict.load_for_prediction(path, "testing")
+    message = str(err.value)
+    assert "6 grid tokens" in message and "2×3" in message and "3×2" in message
+    assert "checkpoint_grid_shape=(rows, cols)" in message
+    assert """--overrides='{"checkpoint_grid_shape": [rows, cols]}'""" in message
+    assert "--image_size" in message
+    # The size given: the grid is what is missing (no more "pass --image_size").
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        predict.load_for_prediction(path, "testing", image_size=32)
+    assert "checkpoint_grid_shape" in str(err.value) and "--image_size" not in str(err.value)
+    # The grid given: 2×3 patches of 16 px is 32×48 px, not square, so the size is needed.
+    with pytest.raises(checkpoint.CheckpointError, match=r"32×48 px image.*--image_size"):
+        predict.load_for_prediction(path, "testing", checkpoint_grid_shape=(2, 3))
+    with pytest.raises(checkpoint.CheckpointError, match=r"\(3, 3\) has 9 cells.*6 grid tokens"):
+        predict.load_for_prediction(path, "testing", image_size=32, checkpoint_grid_shape=(3, 3))
+    with pytest.raises(ValueError, match="two positive integers"):
+        predict.load_for_prediction(path, "testing", image_size=32, checkpoint_grid_shape=(6,))
+
+
+def test_non_square_checkpoint_on_the_command_line(saved_non_square, tmp_path, capsys):
+    from PIL import Image
+
+    path, _, _ = saved_non_square
+    image = tmp_path / "noise.png"
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(image)
+    args = [f"--checkpoint={path}", "--model=testing", "--image_size=32", "--json"]
+    assert predict.main([*args, str(image)]) == 2
+    assert "checkpoint_grid_shape" in capsys.readouterr().err
+    assert predict.main([*args, f"--overrides={GRID_OVERRIDE}", str(image)]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert len(result["top_k"]) == 5 and "error" not in result
+
+
+def test_non_square_checkpoint_attention_map(saved_non_square, tmp_path, capsys):
+    from PIL import Image
+
+    from vit_jax import attention
+
+    path, _, _ = saved_non_square
+    image = tmp_path / "noise.png"
+    rng = np.random.default_rng(6)
+    Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "map.png"
+    args = [f"--checkpoint={path}", "--model=testing", "--image_size=32", f"--out={out}"]
+    assert attention.main([*args, str(image)]) == 2
+    assert "checkpoint_grid_shape" in capsys.readouterr().err
+    assert attention.main([*args, f"--overrides={GRID_OVERRIDE}", str(image)]) == 0
+    with Image.open(out) as written:
+        assert written.size == (50, 40)
+
+
+def test_non_square_patches_on_a_square_image():
+    """Patches of 16×8 px on 32×32 px: a 2×4 grid, a square image; resampled to 4×8 at 64 px."""
+    model = models.get_model("testing", num_classes=NUM_CLASSES, patches={"size": (16, 8)})
+    params = random_params(model, 32, seed=7)
+    assert predict.infer_image_size(params, model) == 32
+    assert predict.infer_image_size(params, model, grid_shape=(2, 4)) == 32
+    loaded_model, loaded, image_size = predict.prepare_for_prediction(
+        params, "testing", image_size=64, patches={"size": (16, 8)}
+    )
+    assert image_size == 64
+    expected = checkpoint.interpolate_posembed(
+        params["Transformer"]["posembed_input"]["pos_embedding"],
+        1 + 32,
+        True,
+        old_grid_shape=(2, 4),
+        new_grid_shape=(4, 8),
+    )
+    table = loaded["Transformer"]["posembed_input"]["pos_embedding"]
+    np.testing.assert_array_equal(table, expected)
+    logits = predict.predict(loaded_model, loaded, np.zeros((1, 64, 64, 3), np.float32))
+    assert logits.shape == (1, NUM_CLASSES) and np.isfinite(logits).all()

@@ -96,30 +96,37 @@ def head_size(params: Mapping[str, Any]) -> int:
     return int(np.shape(head["kernel"])[-1])
 
 
-def infer_image_size(params: Mapping[str, Any], model: nn.Module) -> int:
+def infer_image_size(
+    params: Mapping[str, Any],
+    model: nn.Module,
+    *,
+    grid_shape: Sequence[int] | None = None,
+) -> int:
     """The square input resolution the checkpoint was trained at.
 
     ViT: the position table's grid (rows without the class row when the checkpoint has `cls`)
     × patch size × the hybrid stem's stride. Mixer: the token-mixing width (= number of patches)
-    × patch size. Only array shapes are read, so `jax.eval_shape` trees work too.
+    × patch size. Only array shapes are read, so `jax.eval_shape` trees work too. A grid that
+    no square image gives needs `grid_shape=(rows, cols)` (a checkpoint does not record it),
+    and the image it gives must be square; otherwise the error says which options to pass.
     """
-    if isinstance(model, models_mixer.MlpMixer):
-        tokens = _shape(params, ("MixerBlock_0", "token_mixing", "Dense_0", "kernel"))[0]
-        patch, stride, what = tuple(model.patches["size"]), 1, "Mixer"
-        has_class_token = False
-    else:
-        tokens = _shape(params, ("Transformer", "posembed_input", "pos_embedding"))[1]
-        patch, stride, what = model.patch_size, models_vit.stem_stride(model.resnet), "position"
-        has_class_token = "cls" in params
-    grid_tokens = tokens - int(has_class_token)
-    side = math.isqrt(grid_tokens)
-    if side * side != grid_tokens or patch[0] != patch[1]:
-        raise checkpoint.CheckpointError(
-            f"The checkpoint's {what} table has {grid_tokens} grid tokens (class row excluded) "
-            f"with patches {tuple(patch)}, which is not a square image; prediction uses square "
-            "images, so pass the resolution (--image_size / image_size=)."
+    rows, cols = _checkpoint_grid(params, model, grid_shape)
+    (patch_h, patch_w), stride = _patch_and_stride(model)
+    height, width = rows * patch_h * stride, cols * patch_w * stride
+    if height != width:
+        fixed = (
+            " (a Mixer's token mixing fixes its number of patches, so only a resolution with "
+            f"{rows * cols} patches fits it)"
+            if isinstance(model, models_mixer.MlpMixer)
+            else ""
         )
-    return side * patch[0] * stride
+        raise checkpoint.CheckpointError(
+            f"The checkpoint's {rows}×{cols} grid of {patch_h}×{patch_w} px patches (stem stride "
+            f"{stride}) is a {height}×{width} px image, not a square one; prediction uses "
+            f"square images, so pass the resolution to predict at (--image_size / "
+            f"image_size=){fixed}."
+        )
+    return height
 
 
 def load_for_prediction(
@@ -143,6 +150,7 @@ def prepare_for_prediction(
     model_name: str,
     *,
     image_size: int | None = None,
+    checkpoint_grid_shape: Sequence[int] | None = None,
     **overrides: Any,
 ) -> tuple[nn.Module, Params, int]:
     """Builds zoo model `model_name` for loaded `params` and checks the params fit it.
@@ -153,6 +161,10 @@ def prepare_for_prediction(
     `image_size` is given, in which case the position table is resampled to the new grid as
     fine-tuning does. Anything else that differs from the model fails with one error listing
     every missing, extra and mis-shaped parameter.
+
+    `checkpoint_grid_shape=(rows, cols)` is the patch grid the checkpoint was trained at; it is
+    needed only when its position table is not a square grid (on the command line of
+    `vit_jax.predict` / `vit_jax.attention`: `--overrides='{"checkpoint_grid_shape": [2, 3]}'`).
     """
     params = dict(params)
     kwargs: dict[str, Any] = {"num_classes": head_size(params)}
@@ -170,8 +182,16 @@ def prepare_for_prediction(
             f"Model {model_name!r} has classifier={classifier!r}, which gives one prediction per "
             f"token; prediction needs one of {', '.join(POOLED_CLASSIFIERS)}."
         )
-    native = infer_image_size(params, model)
-    size = native if image_size is None else int(image_size)
+    is_vit = isinstance(model, models_vit.VisionTransformer)
+    old_grid = None  # a Mixer at a given image_size needs none: its shapes must match as they are
+    if is_vit or image_size is None:
+        old_grid = _checkpoint_grid(
+            params, model, checkpoint_grid_shape, image_size_given=image_size is not None
+        )
+    if image_size is None:
+        size = infer_image_size(params, model, grid_shape=old_grid)
+    else:
+        size = int(image_size)
     if size <= 0:
         raise ValueError(f"image_size must be positive, got {size}.")
     shapes = jax.eval_shape(
@@ -180,8 +200,11 @@ def prepare_for_prediction(
     )["params"]
     if checkpoint.is_scanned(shapes):
         shapes = checkpoint.unscan_params(shapes)
-    if size != native and isinstance(model, models_vit.VisionTransformer):
-        params = _resample_position_table(params, shapes)
+    if is_vit:
+        (patch_h, patch_w), stride = _patch_and_stride(model)
+        new_grid = (size // (patch_h * stride), size // (patch_w * stride))
+        if new_grid != old_grid:
+            params = _resample_position_table(params, shapes, old_grid, new_grid)
     try:
         params = checkpoint.inspect_params(params=params, expected=shapes)
     except checkpoint.CheckpointError as e:
@@ -496,13 +519,85 @@ def _shape(params: Mapping[str, Any], path: tuple[str, ...]) -> tuple[int, ...]:
     return tuple(np.shape(node))
 
 
-def _resample_position_table(params: Params, expected: Mapping[str, Any]) -> Params:
-    """The position table resampled to the grid of `expected` (as fine-tuning does)."""
+def _patch_and_stride(model: nn.Module) -> tuple[tuple[int, int], int]:
+    """((patch rows, patch cols) in px, the hybrid stem's stride) of a ViT or Mixer."""
+    if isinstance(model, models_mixer.MlpMixer):
+        patch_h, patch_w = (int(d) for d in model.patches["size"])
+        return (patch_h, patch_w), 1
+    patch_h, patch_w = model.patch_size
+    return (int(patch_h), int(patch_w)), models_vit.stem_stride(model.resnet)
+
+
+def _checkpoint_grid(
+    params: Mapping[str, Any],
+    model: nn.Module,
+    grid_shape: Sequence[int] | None = None,
+    *,
+    image_size_given: bool = False,
+) -> tuple[int, int]:
+    """(rows, cols) of the checkpoint's patch grid: `grid_shape` (checked), or else the grid
+    of a square image (the square grid for square patches).
+
+    Any other token count has several grids (6: 1×6, 2×3, 3×2, 6×1) and a checkpoint does not
+    say which; the error then names the option that does.
+    """
+    if isinstance(model, models_mixer.MlpMixer):
+        tokens = _shape(params, ("MixerBlock_0", "token_mixing", "Dense_0", "kernel"))[0]
+        what = "Mixer token-mixing"
+    else:
+        tokens = _shape(params, ("Transformer", "posembed_input", "pos_embedding"))[1]
+        tokens -= int("cls" in params)
+        what = "position"
+    option = "checkpoint_grid_shape=(rows, cols)"
+    flag = "--overrides='{\"checkpoint_grid_shape\": [rows, cols]}'"
+    if grid_shape is not None:
+        dims = tuple(grid_shape)
+        integers = all(isinstance(d, int | np.integer) and not isinstance(d, bool) for d in dims)
+        if len(dims) != 2 or not integers or min(dims) <= 0:
+            raise ValueError(f"{option} must be two positive integers, got {grid_shape!r}.")
+        rows, cols = int(dims[0]), int(dims[1])
+        if rows * cols != tokens:
+            raise checkpoint.CheckpointError(
+                f"checkpoint_grid_shape={(rows, cols)} has {rows * cols} cells, but the "
+                f"checkpoint's {what} table has {tokens} grid tokens (class row excluded)."
+            )
+        return rows, cols
+    # The grid of a square image: rows × patch_h = cols × patch_w, rows × cols = tokens.
+    (patch_h, patch_w), _ = _patch_and_stride(model)
+    rows = math.isqrt(tokens * patch_w // patch_h)
+    if rows and rows * rows * patch_h == tokens * patch_w and tokens % rows == 0:
+        return rows, tokens // rows
+    grids = [f"{r}×{tokens // r}" for r in range(1, tokens + 1) if tokens % r == 0]
+    shown = ", ".join(grids[:8]) + (", ..." if len(grids) > 8 else "")
+    size = ", and the square resolution to predict at (--image_size / image_size=)"
+    size = "" if image_size_given else size
+    raise checkpoint.CheckpointError(
+        f"The checkpoint's {what} table has {tokens} grid tokens (class row excluded), which is "
+        f"not the grid of a square image of {patch_h}×{patch_w} px patches, and a checkpoint "
+        f"does not record its grid ({shown} all have {tokens}). Pass the grid it was trained "
+        f"at as {option} (command line: {flag}){size}."
+    )
+
+
+def _resample_position_table(
+    params: Params,
+    expected: Mapping[str, Any],
+    old_grid: tuple[int, int],
+    new_grid: tuple[int, int],
+) -> Params:
+    """The position table resampled from `old_grid` to the grid of `expected`, `new_grid`.
+
+    As fine-tuning does (`checkpoint.interpolate_posembed`); both grids are (rows, cols).
+    """
     old = params["Transformer"]["posembed_input"]["pos_embedding"]
     new_shape = expected["Transformer"]["posembed_input"]["pos_embedding"].shape
-    has_class_token = "cls" in params
     resampled = checkpoint.interpolate_posembed(
-        old, new_shape[1], has_class_token, new_has_class_token="cls" in expected
+        old,
+        new_shape[1],
+        "cls" in params,
+        new_has_class_token="cls" in expected,
+        old_grid_shape=old_grid,
+        new_grid_shape=new_grid,
     )
     transformer = dict(params["Transformer"])
     transformer["posembed_input"] = {**transformer["posembed_input"], "pos_embedding": resampled}
