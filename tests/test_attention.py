@@ -184,3 +184,33 @@ def test_command_line_writes_the_map_over_the_image(tmp_path, capsys):
         == 2
     )
     assert "Checkpoint not found" in capsys.readouterr().err
+
+
+def test_the_overlay_of_a_jpeg_shows_the_pixels_the_model_sees(tmp_path, capsys):
+    """The overlay's picture is the file as evaluation decodes it: TF's `decode_jpeg` pixels."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    small = Image.fromarray(rng.integers(0, 256, (5, 6, 3), dtype=np.uint8))
+    smooth = np.asarray(small.resize((48, 40), Image.Resampling.BICUBIC), np.float64)
+    noisy = np.clip(smooth + rng.normal(0, 6, smooth.shape), 0, 255).astype(np.uint8)
+    jpeg = tmp_path / "photo.jpg"
+    Image.fromarray(noisy).save(jpeg, quality=90)
+    model = models.get_model("testing", num_classes=3, patches={"size": (8, 8)})
+    ckpt = tmp_path / "params.npz"
+    checkpoint.save(random_params(model, 32), ckpt)
+    out = tmp_path / "map.png"
+    overrides = '{"patches": {"size": [8, 8]}}'
+    code = attention.main(
+        [
+            *(f"--checkpoint={ckpt}", "--model=testing", f"--overrides={overrides}"),
+            *(f"--out={out}", "--alpha=0", str(jpeg)),  # alpha 0: the picture alone
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    with Image.open(out) as written:
+        pixels = np.asarray(written.convert("RGB"))
+    reference = tf.io.decode_jpeg(jpeg.read_bytes(), channels=3).numpy()
+    np.testing.assert_array_equal(pixels, reference)
+    with Image.open(jpeg) as photo:  # what Pillow decodes differs (IDCT, upsampling)
+        assert np.mean(np.asarray(photo.convert("RGB")) != reference) > 0.3

@@ -1,7 +1,9 @@
 """Tests for vit_jax.input_pipeline: offline, on tiny data (digits, image folder, tfds mock)."""
 
 import collections
+import errno
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from vit_jax import image_folder
 from vit_jax import input_pipeline as ip
 
 DEVICES = 8
@@ -262,19 +265,203 @@ def test_folder_mixed_formats_skips_bad_files_once(tmp_path, caplog):
     assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
 
 
+def _smooth_jpeg(path, size=(40, 48), seed=0, quality=90):
+    """A photo-like JPEG: random colours, smoothly upsampled, a little noise; returns the path."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (5, 6, 3), dtype=np.uint8))
+    smooth = np.asarray(small.resize(size[::-1], Image.Resampling.BICUBIC), np.float64)
+    noisy = np.clip(smooth + rng.normal(0, 6, smooth.shape), 0, 255).astype(np.uint8)
+    return _save(path, Image.fromarray(noisy), quality=quality)
+
+
+def _normalized(pixels):
+    """uint8 → the pipeline's float32 in [-1, 1], computed in float32 as the pipeline does."""
+    return pixels.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def _decoded(source):
+    """Every element of a source, decoded by the source's own decode: {path: uint8 array}."""
+    return {
+        x["image"].paths.numpy().decode(): source.decode(x["image"]).numpy() for x in source.dataset
+    }
+
+
+def test_folder_jpeg_decodes_as_tf_decode_jpeg_in_every_path(tmp_path):
+    """Training, evaluation and eval_image decode a JPEG exactly as `tf.io.decode_jpeg` does."""
+    root = tmp_path / "photos"
+    files = {}
+    for split, seed in (("train", 0), ("test", 1)):
+        for label, name in enumerate(("cat", "dog")):
+            path = _smooth_jpeg(
+                root / split / name / f"{seed}{label}.jpg", (32, 32), seed + 2 * label
+            )
+            files[str(path)] = tf.io.decode_jpeg(path.read_bytes(), channels=3).numpy()
+    for path, reference in files.items():  # the decoders do differ on these files
+        pillow = image_folder._read_rgb(path)
+        # Measured: 67-71 % of the values (87-90 % of the pixels) differ, by up to 4-5 / 255.
+        assert np.mean(pillow != reference) > 0.5, path
+        assert 3 <= np.abs(pillow.astype(int) - reference).max() <= 12
+        assert image_folder.tf_decodes(path)
+        np.testing.assert_array_equal(image_folder.read_image(path), reference)
+        np.testing.assert_array_equal(ip.eval_image(path, 32), _normalized(reference))
+    for split in ("train", "test"):
+        source = ip._load_source(f"folder:{root}", split)
+        decoded = _decoded(source)
+        assert sorted(decoded) == sorted(p for p in files if f"/{split}/" in p)
+        for path, image in decoded.items():
+            np.testing.assert_array_equal(image, files[path])
+    # The training order carries each file's decoder next to its path.
+    source = ip._load_source(f"folder:{root}", "train")
+    elements = ip._global_order(
+        *source.arrays, seed=0, start_step=0, global_batch_size=2, process_index=0, process_count=1
+    )
+    for _, example in elements.take(2):
+        image = source.decode(example["image"]).numpy()
+        np.testing.assert_array_equal(image, files[example["image"].paths.numpy().decode()])
+    (batch,) = list(_eval(f"folder:{root}", image_size=32, global_batch_size=8))
+    images = batch["image"].reshape(-1, 32, 32, 3)[batch["mask"].reshape(-1) == 1]
+    expected = [files[p] for p in sorted(files) if "/test/" in p]
+    np.testing.assert_array_equal(images, _normalized(np.stack(expected)))
+
+
 def test_folder_every_mode_decodes_to_rgb_uint8(tmp_path):
     root = _make_folder(tmp_path / "pets")
+    ramp = np.arange(0, 65536, 16, dtype=np.uint16).reshape(64, 64)  # 16-bit grey, every level
+    _save(root / "train" / "dog" / "ramp.png", Image.fromarray(ramp))
+    clear = _rgb(7).convert("P")
+    _save(root / "train" / "dog" / "clear.png", clear, transparency=0)
+    # Which decoder reads each file: TF's where it reads it as Pillow does (JPEG: always).
+    expected_tf = {
+        "a.jpg": True,  # RGB JPEG
+        "b.png": True,  # grey
+        "c.png": True,  # RGBA: alpha dropped by both
+        "d.png": True,  # 16-bit, all 65535: 255 by both
+        "ramp.png": False,  # 16-bit: TF keeps the high byte, Pillow's path rounds x / 257
+        "e.jpg": False,  # CMYK JPEG
+        "f.png": True,  # palette
+        "clear.png": True,  # palette with a transparent index: alpha dropped by both
+    }
+    source = ip._load_source(f"folder:{root}", "train")
+    decoded = {os.path.basename(p): image for p, image in _decoded(source).items()}
+    verdicts = dict(zip(*source.arrays[0], strict=True))
+    assert {os.path.basename(p): bool(v) for p, v in verdicts.items()} == expected_tf
     for path in sorted((root / "train").rglob("*.*")):
         if path.name in ("broken.jpg", "notes.txt"):
             assert not ip._is_readable_image(str(path))
+            with pytest.raises((OSError, ValueError)):
+                image_folder.read_image(str(path))
             continue
-        image = ip._read_rgb(str(path))
+        image = decoded[path.name]
         assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3, path.name
-    white = ip._read_rgb(str(root / "train" / "dog" / "d.png"))  # 16-bit 65535 → 255, not clipped
+        np.testing.assert_array_equal(image, image_folder.read_image(str(path)), path.name)
+    white = decoded["d.png"]  # 16-bit 65535 → 255, not clipped
     assert Image.open(root / "train" / "dog" / "d.png").mode.startswith("I")
     np.testing.assert_array_equal(white, 255)
-    grey = ip._read_rgb(str(root / "train" / "cat" / "b.png"))
+    levels = decoded["ramp.png"][..., 0].astype(int)
+    np.testing.assert_array_equal(levels, np.round(ramp / 257.0))
+    tf_levels = tf.io.decode_png((root / "train" / "dog" / "ramp.png").read_bytes()).numpy()
+    np.testing.assert_array_equal(tf_levels[..., 0], ramp // 256)  # what TF would have given
+    grey = decoded["b.png"]
     np.testing.assert_array_equal(grey[..., 0], grey[..., 2])
+    np.testing.assert_array_equal(grey[..., 0], np.asarray(_rgb(1).convert("L")))
+    np.testing.assert_array_equal(decoded["c.png"], np.asarray(_rgb(2)))  # RGBA → its RGB
+    cmyk = Image.open(root / "train" / "dog" / "e.jpg")
+    assert cmyk.mode == "CMYK"
+    np.testing.assert_array_equal(decoded["e.jpg"], np.asarray(cmyk.convert("RGB")))
+    opaque = clear.convert("RGBA").convert("RGB")  # the palette's colours, alpha dropped
+    np.testing.assert_array_equal(decoded["clear.png"], np.asarray(opaque))
+
+
+def test_resize_small_crop_shrinks_with_area_averaging():
+    """A 1-pixel checkerboard shrunk 3.75× is a flat grey (area), not aliased stripes."""
+    board = (np.indices((60, 60)).sum(0) % 2 * 255).astype(np.uint8)
+    image = tf.constant(np.repeat(board[..., None], 3, -1))
+    shrunk = ip._resize_small_centre_crop(image, 14).numpy()  # shorter side → 16, crop 14
+    assert shrunk.shape == (14, 14, 3)
+    assert np.abs(shrunk - 127.5).max() < 1  # measured 0.57 (3.75 × 3.75 pixels averaged)
+    bilinear = tf.image.resize(image, [16, 16], method="bilinear").numpy()[1:15, 1:15]
+    assert np.abs(bilinear - 127.5).max() > 60  # plain bilinear: measured 71.7, aliasing
+    # Enlarging: bilinear (area would repeat pixels in blocks).
+    small = tf.constant(np.asarray(_rgb(8, (8, 8))))
+    enlarged = ip._resize_small_centre_crop(small, 14).numpy()
+    expected = tf.image.resize(small, [16, 16], method="bilinear").numpy()[1:15, 1:15]
+    np.testing.assert_array_equal(enlarged, expected)
+
+
+def test_folder_follows_directory_links_once_and_survives_loops(tmp_path):
+    """A class folder's linked sub-directory is read, once, even through a loop or two links."""
+    root = tmp_path / "pets"
+    cat = root / "train" / "cat"
+    _save(cat / "a.png", _rgb(0))
+    extra = tmp_path / "elsewhere" / "more_cats"
+    for i in range(8):
+        _save(extra / f"{i}.png", _rgb(10 + i))
+    (cat / "more").symlink_to(extra, target_is_directory=True)
+    (cat / "more_again").symlink_to(extra, target_is_directory=True)  # the same directory again
+    (cat / "alias.png").symlink_to(cat / "a.png")  # the same file again
+    (extra / "loop").symlink_to(cat, target_is_directory=True)  # a link loop
+    _save(root / "train" / "dog" / "d.png", _rgb(1))
+    for name in ("cat", "dog"):
+        _save(root / "test" / name / "t.png", _rgb(2))
+    files = image_folder.list_files(str(cat))
+    assert files == [str(cat / "a.png")] + [str(cat / "more" / f"{i}.png") for i in range(8)]
+    info = ip.get_dataset_info(f"folder:{root}", train_split="train", test_split="test")
+    assert info.num_examples == {"train": 10, "test": 2}
+    (root / "train" / "dog" / "self").symlink_to(root / "train" / "dog")  # loop onto itself
+    assert image_folder.list_files(str(root / "train" / "dog")) == [str(root / "train/dog/d.png")]
+
+
+def test_unreadable_class_folder_says_permission_denied(tmp_path, monkeypatch):
+    """One error naming the directory, saying it cannot be read and how to fix it."""
+    root = _make_folder(tmp_path / "pets")
+    (root / "train" / "cat" / "deeper").mkdir()
+    _save(root / "train" / "cat" / "deeper" / "x.png", _rgb(9))
+    scandir = os.scandir
+    denied = set()
+
+    def scandir_as_another_user(path="."):  # tests run as root, which chmod 000 does not stop
+        if os.fspath(path) in denied:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir_as_another_user)
+    for where in ("train/dog", "train/cat/deeper", "train"):
+        denied.clear()
+        denied.add(str(root / where))
+        ip._scan_folder_split.cache_clear()
+        with pytest.raises(PermissionError) as err:
+            ip.get_dataset_info(f"folder:{root}", train_split="train", test_split="test")
+        message = str(err.value)
+        assert f"{root / where}' cannot be read" in message, message
+        assert "permission denied" in message and f"chmod -R a+rX {root / where}" in message
+        assert "run as a user who can read it" in message
+    monkeypatch.undo()
+    if os.geteuid() != 0:  # the real thing, where the permission bits apply
+        (root / "train" / "dog").chmod(0)
+        try:
+            with pytest.raises(PermissionError, match=r"train/dog' cannot be read"):
+                ip.get_dataset_info(f"folder:{root}", train_split="train", test_split="test")
+        finally:
+            (root / "train" / "dog").chmod(0o755)
+
+
+def test_multiprocess_verdicts_carry_the_decoder(tmp_path, monkeypatch):
+    """The all-gathered verdicts of 2 processes say which decoder reads each file, as 1 does."""
+    from jax.experimental import multihost_utils
+
+    root = _make_folder(tmp_path / "pets")
+    names = ["cat/a.jpg", "dog/e.jpg", "dog/broken.jpg", "cat/c.png", "dog/notes.txt"]
+    paths = [str(root / "train" / n) for n in names]
+    expected = [ip._TF_DECODES, ip._PILLOW_DECODES, ip._UNREADABLE, ip._TF_DECODES, ip._UNREADABLE]
+    assert ip._decode_check(paths) == expected  # one process decodes them all
+
+    def allgather(_):  # what the 2 processes of a real run would contribute
+        shares = [ip._decode_check(paths[i::2]) for i in range(2)]
+        return np.array([share + [0] * (3 - len(share)) for share in shares], np.uint8)
+
+    monkeypatch.setattr(ip, "_in_multiprocess_run", lambda count: True)
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    assert [ip._readable(paths, i, 2) for i in range(2)] == [expected, expected]
 
 
 def test_folder_process_slices_are_disjoint_and_cover(tmp_path):

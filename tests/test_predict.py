@@ -397,6 +397,49 @@ def test_checkpoint_errors_are_one_clear_line(saved, tmp_path, capsys):
         predict.prepare_for_prediction(checkpoint.load(path), "testing-unpooled")
 
 
+def test_predict_on_a_jpeg_gives_the_eval_pipelines_logits(saved, tmp_path):
+    """`load_image` + `Predictor` give exactly the logits of the eval pipeline's batch for the
+    same JPEG, and both see TF's `decode_jpeg` pixels (as tfds and the original pipelines)."""
+    import tensorflow as tf
+    from PIL import Image
+
+    path, _, _ = saved
+    model, params, size = predict.load_for_prediction(path, "testing")
+    rng = np.random.default_rng(0)
+    small = Image.fromarray(rng.integers(0, 256, (5, 6, 3), dtype=np.uint8))
+    smooth = np.asarray(small.resize((48, 40), Image.Resampling.BICUBIC), np.float64)
+    noisy = np.clip(smooth + rng.normal(0, 6, smooth.shape), 0, 255).astype(np.uint8)
+    root = tmp_path / "folder"
+    for split in ("train", "test"):
+        (root / split / "a").mkdir(parents=True)
+        Image.fromarray(noisy).save(root / split / "a" / "photo.jpg", quality=90)
+    jpeg = str(root / "test" / "a" / "photo.jpg")
+    predictor = predict.Predictor(model, params, batch_size=1)
+    for eval_crop in input_pipeline.EVAL_CROPS:
+        (batch,) = list(
+            input_pipeline.get_eval_iterator(
+                f"folder:{root}",
+                "test",
+                image_size=size,
+                global_batch_size=1,
+                local_device_count=1,
+                eval_crop=eval_crop,
+            )
+        )
+        from_pipeline = predictor(batch["image"][0])
+        assert np.ptp(from_pipeline) > 0.1
+        image = predict.load_image(jpeg, size, eval_crop)
+        np.testing.assert_array_equal(predictor(image[None]), from_pipeline, eval_crop)
+        np.testing.assert_array_equal(image, batch["image"][0, 0], eval_crop)
+    decoded = tf.io.decode_jpeg(tf.io.read_file(jpeg), channels=3)
+    expected = (tf.image.resize(decoded, [size, size]) / 127.5 - 1.0).numpy()
+    np.testing.assert_array_equal(predict.load_image(jpeg, size), expected)
+    with Image.open(jpeg) as photo:  # Pillow's pixels (the old decoder) give other logits
+        pillow = np.asarray(photo.convert("RGB"))
+    pillow_input = (tf.image.resize(pillow, [size, size]) / 127.5 - 1.0).numpy()
+    assert not np.array_equal(predictor(pillow_input[None]), predictor(expected[None]))
+
+
 # ----------------------------------------------------------------------------------------------
 # Non-square checkpoints: a 'testing' ViT trained at 32×48 px, i.e. a 2×3 grid of 16 px patches
 # (position table: class row + 6 rows). A checkpoint does not record its grid (6 rows could be

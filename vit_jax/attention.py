@@ -6,8 +6,10 @@ This module owns: reading every block's attention weights from a ViT's named int
 (`attention_weights`), the rollout of those weights through the layers (`attention_rollout`),
 the map of what the pooled output attends to over the patch grid (`cls_attention_map`), and
 the overlay of that map on the image (`overlay`, `save_overlay`, a PNG written with Pillow). It
-does not own the model, the checkpoint loading (`vit_jax.predict.load_for_prediction`) or the
-preprocessing (`vit_jax.predict.load_image`, i.e. `input_pipeline.eval_image`).
+does not own the model, the checkpoint loading (`vit_jax.predict.load_for_prediction`), the
+preprocessing (`vit_jax.predict.load_image`, i.e. `input_pipeline.eval_image`) or the decoding
+of the image file (`vit_jax.image_folder.read_image`, for the model's input and the overlay's
+picture alike, so both show the pixels an evaluation of that file would see).
 
 Rollout, for weights A_l of shape [batch, heads, tokens, tokens] (rows: queries, each summing
 to 1): average the heads, add the identity for the residual connection, divide every row by its
@@ -29,7 +31,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from vit_jax import models_vit, predict
+from vit_jax import image_folder, models_vit, predict
 
 _ATTENTION = "MultiHeadDotProductAttention_0"
 
@@ -188,8 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rollout = attention_rollout(attention_weights(model, params, pixels[None]))
         has_class_token = model.classifier == "token"
         heat = cls_attention_map(rollout, grid_shape(model, size), has_class_token=has_class_token)
-        with Image.open(args.image) as original:
-            save_overlay(args.out, original.convert("RGB"), heat[0], alpha=args.alpha)
+        original = image_folder.read_image(args.image)  # decoded as load_image decodes it
+        save_overlay(args.out, original, heat[0], alpha=args.alpha)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,9 +21,11 @@ absolute stream position, so `start_step=k` reproduces an uninterrupted stream f
   the process count.
 
 It does not own device placement (beyond the small `prefetch_to_device` helper), the training
-loop, or metrics. Image folders are validated once per process lifetime (every file is decoded
-once by Pillow; in a multi-process JAX run each process decodes its share of the files and the
-verdicts are all-gathered).
+loop, or metrics, nor listing and decoding image files (`vit_jax.image_folder`: one decoder for
+folders, tfds images and `eval_image`). Image folders are validated once per process lifetime:
+every file is decoded once (lossless files TF reads twice: by TF and by Pillow, compared), which
+also decides whether TF's decoder or Pillow's path reads it; in a multi-process JAX run each
+process decodes its share of the files and the verdicts are all-gathered.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ from typing import Any, Literal
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from PIL import Image
+
+from vit_jax import image_folder
 
 DIGITS = "sklearn_digits"
 FOLDER_PREFIX = "folder:"
@@ -80,15 +83,15 @@ class _Source:
     """One split, already restricted to this process: raw elements and how to decode them."""
 
     dataset: tf.data.Dataset  # elements {'image': raw, 'label': int64 or int64[None]}
-    decode: Callable[[tf.Tensor], tf.Tensor]  # raw image → uint8 [H, W, 3]
+    decode: Callable[[Any], tf.Tensor]  # raw image (tensor or ImageFiles of one file) → uint8
     num_examples: int  # examples of this process
     max_process_examples: int  # the most any process holds (eval pads every process to it)
     num_classes: int
     class_names: tuple[str, ...] | None
     total_examples: int  # of the whole split, all processes
-    # The whole split (all processes) as (raw images or paths, int64 labels), when it is held in
-    # memory and so addressable by index: training then reads it in one global order.
-    arrays: tuple[np.ndarray, np.ndarray] | None = None
+    # The whole split (all processes) as (raw images or `ImageFiles`, int64 labels), when it is
+    # held in memory and so addressable by index: training then reads it in one global order.
+    arrays: tuple[np.ndarray | image_folder.ImageFiles, np.ndarray] | None = None
 
 
 class EvalBatches:
@@ -324,7 +327,7 @@ def _options(autotune: bool = True) -> tf.data.Options:
 
 
 def _global_order(
-    images: np.ndarray,
+    images: np.ndarray | image_folder.ImageFiles,
     labels: np.ndarray,
     *,
     seed: int,
@@ -355,13 +358,14 @@ def _global_order(
     ds = tf.data.Dataset.range(first // n, np.iinfo(np.int64).max).flat_map(epoch)
     ds = ds.skip(first % n).batch(global_batch_size).map(lambda p, i: (p[own], i[own])).unbatch()
     labels = tf.constant(labels)
-    if images.dtype.kind in "US":  # file paths: looked up in Python, not embedded in the graph
-        paths = images.astype(np.bytes_)  # (a folder of millions would near protobuf's 2 GB)
+    if isinstance(images, image_folder.ImageFiles):  # paths looked up in Python, not embedded
+        paths = images.paths.astype(np.bytes_)  # in the graph (millions would near protobuf's 2 GB)
+        tf_decodes = tf.constant(images.tf_decodes, tf.bool)  # next to each path, by index
 
         def image_at(i):
             path = tf.numpy_function(lambda j: paths[j], [i], tf.string, stateful=False)
             path.set_shape([])
-            return path
+            return image_folder.ImageFiles(path, tf.gather(tf_decodes, i))
     else:
         images = tf.constant(images)
 
@@ -412,12 +416,21 @@ def _resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
 
 
 def _resize_small_centre_crop(image: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Resize the shorter side to image_size·256/224, then take the centre square."""
+    """Resize the shorter side to image_size·256/224, then take the centre square.
+
+    Shrinking uses area averaging (antialiased: each output pixel is the mean of the input area
+    it covers), as big_vision's `resize_small` does; enlarging uses bilinear interpolation (area
+    would repeat input pixels in blocks). Either way float32 in [0, 255].
+    """
     small = round(image_size * 256 / 224)
     hw = tf.cast(tf.shape(image)[:2], tf.float32)
     scale = small / tf.reduce_min(hw)
     new_hw = tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), small)
-    image = tf.image.resize(image, new_hw, method="bilinear")
+    image = tf.cond(
+        scale < 1.0,
+        lambda: tf.image.resize(image, new_hw, method="area"),
+        lambda: tf.image.resize(image, new_hw, method="bilinear"),
+    )
     top, left = (new_hw[0] - image_size) // 2, (new_hw[1] - image_size) // 2
     image = tf.image.crop_to_bounding_box(image, top, left, image_size, image_size)
     return tf.ensure_shape(image, [image_size, image_size, 3])
@@ -476,10 +489,11 @@ def _from_arrays(
     process_count: int,
     class_names: tuple[str, ...],
 ) -> _Source:
-    """Strided per-process slice of in-memory images (or paths) and integer labels."""
+    """Strided per-process slice of in-memory images (or `ImageFiles`) and integer labels."""
     own, most = _process_slice(len(labels), process_index, process_count)
     own_part = slice(process_index, None, process_count)
-    ds = tf.data.Dataset.from_tensor_slices({"image": images[own_part], "label": labels[own_part]})
+    own_images = tf.nest.map_structure(lambda array: array[own_part], images)
+    ds = tf.data.Dataset.from_tensor_slices({"image": own_images, "label": labels[own_part]})
     return _Source(
         ds, decode, own, most, len(class_names), class_names, len(labels), (images, labels)
     )
@@ -517,13 +531,13 @@ def _folder_source(root: str, split: str, process_index: int, process_count: int
     if split not in FOLDER_SPLITS:
         raise ValueError(f"Image folder {root!r} has splits {FOLDER_SPLITS}, got {split!r}.")
     class_names = _folder_classes(root)
-    paths, labels = _scan_folder_split(
+    paths, labels, tf_decodes = _scan_folder_split(
         os.path.abspath(root), split, class_names, process_index, process_count
     )
     return _from_arrays(
-        np.array(paths),
+        image_folder.ImageFiles(np.array(paths), np.array(tf_decodes, bool)),
         np.array(labels, np.int64),
-        _decode_path,
+        _decode_folder_file,
         process_index,
         process_count,
         class_names,
@@ -540,7 +554,8 @@ def _folder_classes(root: str) -> tuple[str, ...]:
                 f"{root}/test/<class>/*."
             )
     train_dir = os.path.join(root, "train")
-    names = sorted(e.name for e in os.scandir(train_dir) if e.is_dir() and e.name[0] != ".")
+    entries = image_folder.scan_dir(train_dir)
+    names = sorted(e.name for e in entries if e.is_dir() and e.name[0] != ".")
     if not names:
         raise ValueError(f"Image folder {train_dir!r} has no class sub-directories.")
     return tuple(names)
@@ -553,15 +568,16 @@ def _scan_folder_split(
     class_names: tuple[str, ...],
     process_index: int = 0,
     process_count: int = 1,
-) -> tuple[tuple[str, ...], tuple[int, ...]]:
-    """Readable image files and labels of one split; bad files are skipped and reported once.
+) -> tuple[tuple[str, ...], tuple[int, ...], tuple[bool, ...]]:
+    """Readable image files, their labels and whether TF's decoder reads each (else Pillow).
 
-    The same on every process (training reads the split in one global order).
+    Bad files are skipped and reported once. The same on every process (training reads the
+    split in one global order).
     """
     split_dir = os.path.join(root, split)
     unknown = sorted(
         e.name
-        for e in os.scandir(split_dir)
+        for e in image_folder.scan_dir(split_dir)
         if e.is_dir() and e.name[0] != "." and e.name not in class_names
     )
     if unknown:
@@ -569,13 +585,13 @@ def _scan_folder_split(
     candidates = []
     for label, name in enumerate(class_names):
         class_dir = os.path.join(split_dir, name)
-        files = _list_files(class_dir)
+        files = image_folder.list_files(class_dir)
         if not files:
             raise ValueError(f"Class folder {class_dir!r} is missing or has no files.")
         candidates += [(path, label) for path in files]
-    readable = _readable([p for p, _ in candidates], process_index, process_count)
-    kept = [c for c, ok in zip(candidates, readable, strict=True) if ok]
-    skipped = [p for (p, _), ok in zip(candidates, readable, strict=True) if not ok]
+    verdicts = _readable([p for p, _ in candidates], process_index, process_count)
+    kept = [(*c, v) for c, v in zip(candidates, verdicts, strict=True) if v != _UNREADABLE]
+    skipped = [p for (p, _), v in zip(candidates, verdicts, strict=True) if v == _UNREADABLE]
     if skipped:
         _LOG.warning(
             "Image folder %s: skipped %d unreadable or non-image file(s), e.g. %s",
@@ -585,16 +601,17 @@ def _scan_folder_split(
         )
     if not kept:
         raise ValueError(f"Image folder {split_dir!r} has no readable images.")
-    present = {lab for _, lab in kept}  # one pass: a folder may hold millions of files
+    present = {lab for _, lab, _ in kept}  # one pass: a folder may hold millions of files
     for label, name in enumerate(class_names):
         if label not in present:
             class_dir = os.path.join(split_dir, name)
             raise ValueError(f"Class folder {class_dir!r} has no readable images.")
-    return tuple(p for p, _ in kept), tuple(lab for _, lab in kept)
+    paths, labels, verdicts = zip(*kept, strict=True)
+    return paths, labels, tuple(v == _TF_DECODES for v in verdicts)
 
 
-def _readable(paths: list[str], process_index: int, process_count: int) -> list[bool]:
-    """Whether each file decodes, decided by decoding it.
+def _readable(paths: list[str], process_index: int, process_count: int) -> list[int]:
+    """Each file's verdict (`_is_readable_image`), decided by decoding it.
 
     In a multi-process JAX run (`jax.process_count() == process_count > 1`), process i decodes
     files i, i + n, … only and the verdicts are all-gathered, so a folder of millions of images
@@ -609,11 +626,11 @@ def _readable(paths: list[str], process_index: int, process_count: int) -> list[
     padded = np.zeros([width], np.uint8)
     padded[: len(own)] = own
     gathered = np.asarray(multihost_utils.process_allgather(padded))  # [process_count, width]
-    readable = [False] * len(paths)
+    verdicts = [_UNREADABLE] * len(paths)
     for index in range(process_count):
         share = len(range(index, len(paths), process_count))
-        readable[index::process_count] = [bool(v) for v in gathered[index, :share]]
-    return readable
+        verdicts[index::process_count] = [int(v) for v in gathered[index, :share]]
+    return verdicts
 
 
 def _in_multiprocess_run(process_count: int) -> bool:
@@ -622,51 +639,25 @@ def _in_multiprocess_run(process_count: int) -> bool:
     return jax.process_count() == process_count
 
 
-def _decode_check(paths: list[str]) -> list[bool]:
+def _decode_check(paths: list[str]) -> list[int]:
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
         return list(pool.map(_is_readable_image, paths))
 
 
-def _list_files(directory: str) -> list[str]:
-    if not os.path.isdir(directory):
-        return []
-    found = []
-    for dirpath, dirnames, filenames in os.walk(directory):
-        dirnames[:] = sorted(d for d in dirnames if d[0] != ".")
-        found += [os.path.join(dirpath, f) for f in sorted(filenames) if f[0] != "."]
-    return found
+# A file's verdict: not an image (skipped), read by TF's decoder, read by Pillow's path.
+_UNREADABLE, _TF_DECODES, _PILLOW_DECODES = 0, 1, 2
 
 
-def _is_readable_image(path: str) -> bool:
+def _is_readable_image(path: str) -> int:
+    """The file's verdict: `_UNREADABLE` (0, falsy) or which decoder reads it."""
     try:
-        _read_rgb(path)
+        return _TF_DECODES if image_folder.tf_decodes(path) else _PILLOW_DECODES
     except Exception:  # any decode failure means "skip this file"
-        return False
-    return True
+        return _UNREADABLE
 
 
-def _read_rgb(path: str | bytes) -> np.ndarray:
-    """Any Pillow-decodable file as uint8 RGB [H, W, 3] (16-bit scaled, alpha dropped)."""
-    path = path.decode() if isinstance(path, bytes) else path
-    with Image.open(path) as image:
-        image.load()
-        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-            array = np.asarray(image, dtype=np.float64) / 257.0
-            gray = np.clip(np.round(array), 0, 255).astype(np.uint8)
-            return np.repeat(gray[..., None], 3, axis=-1)
-        if image.mode == "P" and "transparency" in image.info:
-            image = image.convert("RGBA")
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
-
-
-def _decode_path(path: tf.Tensor) -> tf.Tensor:
-    image = tf.numpy_function(_read_rgb, [path], tf.uint8, stateful=False)
-    image.set_shape([None, None, 3])
-    return image
-
-
-def _decode_encoded(data: tf.Tensor) -> tf.Tensor:
-    return tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
+def _decode_folder_file(file: image_folder.ImageFiles) -> tf.Tensor:
+    return image_folder.decode_file(file.paths, file.tf_decodes)
 
 
 def _tfds_source(
@@ -704,7 +695,7 @@ def _tfds_source(
     ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
     return _Source(
         ds,
-        _decode_encoded,
+        image_folder.decode_encoded,
         own,
         max(own, math.ceil(total / process_count)),
         label.num_classes,
@@ -933,12 +924,13 @@ def _count(ds: tf.data.Dataset) -> int:
 def eval_image(path: str, image_size: int, eval_crop: str = "resize") -> np.ndarray:
     """One image file with `get_eval_iterator`'s preprocessing: float32 [S, S, 3] in [-1, 1].
 
-    Decoded as image-folder files are (Pillow; grayscale, RGBA, CMYK, 16-bit → RGB), then the
+    Decoded as image-folder files are (`image_folder.read_image`: TF's default decoder, or
+    Pillow's path for what TF does not read; grayscale, RGBA, CMYK, 16-bit → RGB), then the
     same `eval_crop` resize and normalisation, so a prediction sees what evaluation saw. A
-    missing or undecodable file raises what Pillow raises (an OSError).
+    missing or undecodable file raises what Pillow raises (an OSError, mostly).
     """
     if eval_crop not in EVAL_CROPS:
         raise ValueError(f"Unknown eval_crop {eval_crop!r}; valid values: {', '.join(EVAL_CROPS)}.")
-    image = tf.constant(_read_rgb(path))
+    image = tf.constant(image_folder.read_image(path))
     crop = _resize if eval_crop == "resize" else _resize_small_centre_crop
     return _normalize(crop(image, image_size)).numpy()
