@@ -39,7 +39,7 @@ from PIL import Image
 
 from vit_jax import checkpoint, input_pipeline, models, models_mixer, models_vit
 
-PARAMS_FILE = "params.npz"  # what a training workdir (or each phase of one) holds
+PARAMS_FILE = checkpoint.PARAMS_FILE  # what a training workdir (or each phase of one) holds
 IMAGENET1K_LABELS_URL = "https://storage.googleapis.com/bit_models/ilsvrc2012_wordnet_lemmas.txt"
 IMAGENET21K_LABELS_URL = "https://storage.googleapis.com/bit_models/imagenet21k_wordnet_lemmas.txt"
 POOLED_CLASSIFIERS = ("token", "gap")  # classifiers that give one prediction per image
@@ -53,30 +53,11 @@ Params = dict[str, Any]
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> str:
-    """The `.npz` to load for `path`: the file itself, or the params file of a workdir.
+    """The `.npz` to load for `path` (a file, a workdir or a multi-phase workdir).
 
-    A workdir holding `params.npz` gives that file. A multi-phase workdir (no `params.npz`,
-    but `<phase>/params.npz` sub-directories) gives the phase whose params file was written
-    last, i.e. the last phase that finished. A directory with neither is an error listing what
-    it holds. A path that does not exist is returned unchanged, for `checkpoint.load` to report.
+    `checkpoint.resolve_params_file`, which fine-tuning's `pretrained` uses too.
     """
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        return path
-    own = os.path.join(path, PARAMS_FILE)
-    if os.path.isfile(own):
-        return own
-    entries = sorted(os.listdir(path))
-    phases = [e for e in entries if os.path.isfile(os.path.join(path, e, PARAMS_FILE))]
-    if not phases:
-        shown = ", ".join(entries[:20]) + (" ..." if len(entries) > 20 else "") or "nothing"
-        raise FileNotFoundError(
-            f"Checkpoint directory {path!r} has no {PARAMS_FILE} and no phase sub-directory "
-            f"with one (it holds: {shown}). Pass a released-format .npz file, or the workdir of "
-            "a finished training run."
-        )
-    latest = max(phases, key=lambda p: (os.path.getmtime(os.path.join(path, p, PARAMS_FILE)), p))
-    return os.path.join(path, latest, PARAMS_FILE)
+    return checkpoint.resolve_params_file(path)
 
 
 def load_params(path: str | os.PathLike) -> Params:
