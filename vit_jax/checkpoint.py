@@ -239,6 +239,12 @@ def from_released_numbering(tree: Mapping[str, Any]) -> Params:
     }
 
 
+# The original's name for the same renumbering (its checkpoint_test.py calls it).
+def convert_pre_linen_pytree(tree: Mapping[str, Any]) -> Params:
+    """`from_released_numbering` under the original's name."""
+    return from_released_numbering(tree)
+
+
 def to_released_numbering(tree: Mapping[str, Any]) -> Params:
     """Current Linen names → the released files' names inside every `encoderblock_{i}`."""
     out = {}
@@ -326,7 +332,10 @@ def inspect_params(
     """Compares a parameter tree with the expected one (arrays or `jax.ShapeDtypeStruct`s).
 
     Raises one CheckpointError listing every missing key, extra key and wrong shape (key,
-    expected, found), as far as the `fail_if_*` flags ask; the rest is logged. Returns `params`.
+    expected, found), as far as the `fail_if_*` flags ask; the rest is logged. Returns `params`
+    (the same arrays) with the empty sub-trees of `expected` it lacks added back, as the
+    original does: `.npz` files cannot hold an empty dict, so a parameter-free module's entry
+    is missing from every saved file.
     """
     got, want = flatten(params), flatten(expected)
     missing = sorted(want.keys() - got.keys())
@@ -338,23 +347,37 @@ def inspect_params(
     ]
     problems = []
     if missing and fail_if_missing:
-        problems.append(_listing("missing from the checkpoint", missing))
+        problems.append(_listing("Missing params from checkpoint", missing))
     if extra and fail_if_extra:
-        problems.append(_listing("extra in the checkpoint (the model has no such param)", extra))
+        problems.append(_listing("Extra params in checkpoint (the model has no such param)", extra))
     if mismatched and fail_if_shape_mismatch:
         lines = [f"{k}: model expects {w}, checkpoint has {g}" for k, w, g in mismatched]
-        problems.append(_listing("with the wrong shape", lines))
+        problems.append(_listing("Params with the wrong shape", lines))
     if problems:
         raise CheckpointError("Parameters do not match the model:\n" + "\n".join(problems))
     for label, items in (("missing", missing), ("extra", extra), ("mis-shaped", mismatched)):
         if items:
             logging.warning("inspect_params: %d %s keys allowed: %s", len(items), label, items)
-    return dict(params)
+    return _with_empty_subtrees(params, expected)
+
+
+def _with_empty_subtrees(params: Mapping[str, Any], expected: Mapping[str, Any]) -> Params:
+    """`params` (same leaves) plus every empty sub-tree of `expected` it does not have."""
+    result = dict(params)
+    for key, want in expected.items():
+        if not isinstance(want, Mapping):
+            continue
+        got = result.get(key)
+        if got is None and not flatten(want):  # a sub-tree of empty sub-trees only
+            result[key] = _with_empty_subtrees({}, want)
+        elif isinstance(got, Mapping):
+            result[key] = _with_empty_subtrees(got, want)
+    return result
 
 
 def _listing(title: str, items: Iterable[str]) -> str:
     items = list(items)
-    return f"  {len(items)} {title}:\n" + "\n".join(f"    {item}" for item in items)
+    return f"  {title} ({len(items)}):\n" + "\n".join(f"    {item}" for item in items)
 
 
 # --------------------------------------------------------------------------- position table
