@@ -142,6 +142,11 @@ def test_save_load_round_trip_is_bit_identical(tmp_path, make_model):
     _assert_trees_equal(checkpoint.load(path), params)
     # Nothing but the file itself is left in the folder (no temporary files).
     assert os.listdir(tmp_path) == ["params.npz"]
+    # No entry is pickled: numpy's own reader, pickles refused, reads every one as float32.
+    with np.load(path, allow_pickle=False) as npz:
+        dtypes = {key: npz[key].dtype for key in npz.files}
+    assert len(dtypes) == len(jax.tree.leaves(params))
+    assert set(dtypes.values()) == {np.dtype(np.float32)}
 
 
 def test_save_overwrites_an_existing_file(tmp_path):
@@ -303,8 +308,15 @@ def test_object_arrays_are_refused_and_never_unpickled(tmp_path):
     payload[0] = _Boom(str(sentinel))
     path = tmp_path / "pickles.npz"
     np.savez(path, **{"embedding/kernel": np.zeros(2), "head/kernel": payload})
-    with zipfile.ZipFile(path) as z:  # the file really holds a pickle
-        assert b"\x80" in z.read("head/kernel.npy")[:200] or pickle.HIGHEST_PROTOCOL
+    # The file really holds a pickle: an object-dtype .npy whose data is a pickle stream.
+    with zipfile.ZipFile(path) as z, z.open("head/kernel.npy") as f:
+        assert np.lib.format.read_magic(f) == (1, 0)
+        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        assert (shape, dtype) == ((1,), np.dtype(object))
+        assert f.read(1) == pickle.PROTO  # a pickle stream starts with the PROTO opcode
+    with np.load(path) as npz, pytest.raises(ValueError, match="allow_pickle=False"):
+        npz["head/kernel"]  # and numpy refuses it too, without unpickling
+    assert not sentinel.exists()
     with pytest.raises(checkpoint.CheckpointError, match=r"head/kernel.*Refused.*allow_pickle"):
         checkpoint.load(path)
     assert not sentinel.exists()
@@ -334,8 +346,8 @@ def test_inspect_params_lists_every_mismatch_in_one_error():
     with pytest.raises(checkpoint.CheckpointError) as info:
         checkpoint.inspect_params(params=params, expected=expected)
     message = str(info.value)
-    assert "1 missing from the checkpoint:\n    c" in message
-    assert "1 extra in the checkpoint" in message and "    d" in message
+    assert "Missing params from checkpoint (1):\n    c" in message  # the original's words
+    assert "Extra params in checkpoint (the model has no such param) (1):\n    d" in message
     assert "a/w: model expects (2, 3), checkpoint has (3, 3)" in message
     # Allowed differences pass and return the params unchanged.
     out = checkpoint.inspect_params(
@@ -345,15 +357,33 @@ def test_inspect_params_lists_every_mismatch_in_one_error():
         fail_if_missing=False,
         fail_if_shape_mismatch=False,
     )
-    assert out.keys() == params.keys()
+    assert jax.tree.structure(out) == jax.tree.structure(params)
+    leaves = zip(jax.tree.leaves(out), jax.tree.leaves(params), strict=True)
+    assert all(a is b for a, b in leaves)  # the same arrays, not copies
 
 
-def test_inspect_params_accepts_shape_structs():
-    model = models.get_model("testing", num_classes=10)
+def test_inspect_params_checks_real_params_against_shape_structs():
+    """`expected` from jax.eval_shape (no arrays): matching params pass, wrong shapes fail."""
+    model = models.get_model("testing", num_classes=10)  # hidden 10, 16 px patches
     x = jnp.zeros((1, 32, 32, 3))
     expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))["params"]
-    params = model.init(jax.random.PRNGKey(0), x, train=False)["params"]
-    assert checkpoint.inspect_params(params=params, expected=expected).keys() == params.keys()
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(expected))
+    params = _init(model)
+    _assert_trees_equal(checkpoint.inspect_params(params=params, expected=expected), params)
+
+    flat = checkpoint.flatten(params)
+    flat["head/kernel"] = np.zeros((10, 7), np.float32)  # a 7-class head
+    flat["Transformer/posembed_input/pos_embedding"] = np.zeros((1, 17, 10), np.float32)
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.inspect_params(params=checkpoint.unflatten(flat), expected=expected)
+    message = str(info.value)
+    assert "Params with the wrong shape (2)" in message
+    assert "head/kernel: model expects (10, 10), checkpoint has (10, 7)" in message
+    assert (
+        "Transformer/posembed_input/pos_embedding: model expects (1, 5, 10), "
+        "checkpoint has (1, 17, 10)" in message
+    )
+    assert "missing" not in message.lower() and "extra" not in message.lower()
 
 
 # --------------------------------------------------------------------------- load_pretrained
@@ -431,7 +461,7 @@ def test_load_pretrained_reports_every_real_mismatch(tmp_path):
     with pytest.raises(checkpoint.CheckpointError) as info:
         checkpoint.load_pretrained(pretrained_path=path, init_params=init)
     message = str(info.value)
-    assert "missing from the checkpoint" in message
+    assert "Missing params from checkpoint" in message
     assert "Transformer/encoderblock_2/LayerNorm_0/scale" in message
     assert (
         "Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel: model expects (16, 32), "

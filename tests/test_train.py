@@ -1,12 +1,16 @@
 """Tests for vit_jax/train.py and vit_jax/main.py on 8 fake CPU devices (see conftest.py)."""
 
 import functools
+import glob
+import math
 import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
+import tensorflow as tf
 from flax import jax_utils
 
 from configs import common
@@ -14,6 +18,25 @@ from configs import default as default_config
 from vit_jax import checkpoint, train
 
 DIGITS_TEST = 360  # examples in the embedded digits test split
+
+
+def train_scalars(workdir) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} of the scalars in the TensorBoard event files in `workdir`."""
+    scalars = {}
+    for path in sorted(glob.glob(f"{workdir}/events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    number = value.simple_value
+                elif value.HasField("tensor"):
+                    array = tf.make_ndarray(value.tensor)
+                    if array.shape or not np.issubdtype(array.dtype, np.number):
+                        continue  # hparams and other non-scalar summaries
+                    number = float(array)
+                else:
+                    continue
+                scalars.setdefault(value.tag, {})[event.step] = number
+    return scalars
 
 
 def tiny_config(**overrides):
@@ -26,6 +49,8 @@ def tiny_config(**overrides):
     config.total_steps = 3
     config.warmup_steps = 1
     config.log_every = 1
+    if "model" in overrides:  # replaced whole: update() would merge it into the testing model's
+        config.model = overrides.pop("model")
     config.update(overrides)
     return config
 
@@ -38,9 +63,14 @@ def test_pretrain_then_finetune_at_twice_the_resolution(tmp_path):
         phase.update(image_size=size, batch_size=16, total_steps=2, warmup_steps=1, log_every=1)
     results = train.train_phases(config, str(tmp_path))
     assert set(results) == {"pretrain", "finetune"}
-    for metrics in results.values():
+    for name, metrics in results.items():
         assert metrics["count"] == DIGITS_TEST  # every test example once, padding masked out
-        assert np.isfinite(metrics["loss"]) and 0.0 <= metrics["accuracy"] <= 1.0
+        # Both phases start from a zero head (a fresh one for the fine-tuning): every logit is 0,
+        # so the first step's loss is log(10) whatever the images. Two steps learn nothing
+        # measurable on the test split, so its accuracy is not checked here (test_learns.py).
+        step1 = train_scalars(tmp_path / name)["train/loss"][1]
+        np.testing.assert_allclose(step1, math.log(10), rtol=1e-6)
+        assert np.isfinite(metrics["loss"])
     pre = checkpoint.load(tmp_path / "pretrain" / "params.npz")
     fine = checkpoint.load(tmp_path / "finetune" / "params.npz")
     assert pre["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 5, 10)
@@ -92,16 +122,32 @@ def test_gradient_accumulation_gives_the_same_sgd_update():
 
 
 def test_mixup_mixes_images_and_labels_with_one_lambda():
+    """Example i is mixed with example n-1-i by one λ, the same for images and labels."""
     batch = _random_batch()
-    images, labels = batch["image"][0], batch["label"][0]
-    key = jax.random.PRNGKey(3)
-    mixed_images, mixed_labels = train.mixup(images, labels, key, 0.4)
-    lam = float(jax.random.beta(key, 0.4, 0.4))
-    assert 0.0 < lam < 1.0 and not np.isclose(lam, 0.5)
-    np.testing.assert_allclose(mixed_images, lam * images + (1 - lam) * images[::-1], rtol=1e-6)
-    np.testing.assert_allclose(mixed_labels, lam * labels + (1 - lam) * labels[::-1], rtol=1e-6)
+    images, labels = batch["image"][0, :7], batch["label"][0, :7]  # odd: example 3 is its own pair
+    mixed_images, mixed_labels = train.mixup(images, labels, jax.random.PRNGKey(1), 0.4)
+    # m = λ·x + (1-λ)·r with r = x reversed ⇒ m - r = λ·(x - r): λ by least squares.
+    d, e = images - images[::-1], np.asarray(mixed_images) - images[::-1]
+    lam = float(np.sum(d * e) / np.sum(d * d))
+    assert 0.1 < lam < 0.9 and not np.isclose(lam, 0.5)  # a real mix, not a no-op or a swap
+    np.testing.assert_allclose(mixed_images, lam * images + (1 - lam) * images[::-1], atol=1e-5)
+    np.testing.assert_allclose(mixed_labels, lam * labels + (1 - lam) * labels[::-1], atol=1e-5)
+    np.testing.assert_allclose(mixed_images[3], images[3], rtol=1e-6)  # the middle one: unmixed
     np.testing.assert_allclose(mixed_labels.sum(axis=-1), 1.0, rtol=1e-6)  # still distributions
     assert mixed_labels.dtype == labels.dtype
+
+
+def test_mixup_with_a_tiny_alpha_keeps_or_swaps_the_pair():
+    """Beta(α, α) with α → 0 puts λ at 0 or 1: each example is itself or its partner."""
+    images = np.array([1.0, 2.0, 3.0, 4.0], np.float32).reshape(4, 1, 1, 1)
+    labels = np.eye(4, dtype=np.float32)
+    for seed in range(4):
+        mixed, mixed_labels = train.mixup(images, labels, jax.random.PRNGKey(seed), 1e-3)
+        flat = np.asarray(mixed).ravel()
+        assert np.allclose(flat, [1, 2, 3, 4], atol=1e-3) or np.allclose(
+            flat, [4, 3, 2, 1], atol=1e-3
+        ), flat
+        np.testing.assert_allclose(mixed_labels @ np.arange(1.0, 5.0), flat, atol=1e-3)
 
 
 def test_mixup_changes_the_step_and_alpha_zero_is_the_plain_step():
@@ -118,10 +164,14 @@ def test_mixup_changes_the_step_and_alpha_zero_is_the_plain_step():
             )
         _, metrics = step(state.replace(params=jax_utils.replicate(params)), batch, key)
         losses[alpha] = float(metrics["loss"][0])
-    # alpha=0: the loss of the un-mixed batch (no dropout in tiny_config), as before mixup existed.
+    # alpha=0: the loss of the un-mixed batch (no dropout in tiny_config), as before mixup existed:
+    # the mean of -log softmax(logits)[label], in float64 here.
     apply = jax.jit(functools.partial(state.apply_fn, train=False))
-    logits = apply({"params": params}, batch["image"].reshape(64, 8, 8, 3))
-    plain = train.compute_loss(logits, batch["label"].reshape(64, 10), "softmax_xent").mean()
+    logits = np.asarray(apply({"params": params}, batch["image"].reshape(64, 8, 8, 3)), np.float64)
+    labels = batch["label"].reshape(64, 10).argmax(-1)
+    log_p = logits - scipy.special.logsumexp(logits, axis=-1, keepdims=True)
+    plain = -log_p[np.arange(64), labels].mean()
+    assert abs(plain - math.log(10)) > 0.1  # the noise moved the logits off the zero head's
     np.testing.assert_allclose(losses[0.0], plain, rtol=1e-5)
     assert abs(losses[0.4] - losses[0.0]) > 1e-3
 
@@ -169,6 +219,72 @@ def test_eval_weights_by_mask_and_counts_every_example_once():
     assert metrics["count"] == 2 * 30
     assert metrics["accuracy"] == pytest.approx(58 / 60)
     assert metrics["accuracy_top5"] == pytest.approx(58 / 60)  # the wrong class is not in top-5
+
+
+def test_softmax_xent_with_label_smoothing_by_hand():
+    # Logits log([1, 2, 5]): softmax p = [1/8, 2/8, 5/8], -log p = [log 8, log 4, log 8/5]
+    #   = [2.0794415, 1.3862944, 0.4700036].
+    # Smoothing 0.1 over 3 classes: the label's class gets 0.9 + 0.1/3 = 14/15, the others 1/30.
+    #   label 2: 14/15·log(8/5) + (log 8 + log 4)/30 = 0.4386701 + 0.1155245 = 0.5541946
+    #   label 0: 14/15·log 8 + (log 4 + log(8/5))/30 = 1.9408121 + 0.0618766 = 2.0026887
+    logits = jnp.log(jnp.array([[1.0, 2.0, 5.0], [1.0, 2.0, 5.0]]))
+    labels = jnp.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    smoothed = train.compute_loss(logits, labels, "softmax_xent", label_smoothing=0.1)
+    np.testing.assert_allclose(smoothed, [0.5541946, 2.0026887], rtol=1e-6)
+    plain = train.compute_loss(logits, labels, "softmax_xent")  # -log(5/8), -log(1/8)
+    np.testing.assert_allclose(plain, [0.4700036, 2.0794415], rtol=1e-6)
+
+
+def test_sigmoid_xent_sums_over_classes_by_hand():
+    # sigmoid(0) = 1/2, sigmoid(log 3) = 3/4, sigmoid(-log 3) = 1/4; per class -log p(label).
+    #   labels [1, 0, 1]: log 2 + log 4 + log 4 = log 32                    = 3.4657359
+    #   labels [1, 1, 0]: log 2 + log(4/3) + log(4/3)                       = 1.2685113
+    #   logits [100, -100, 0], labels [0, 0, 0]: 100 + log(1 + e^-100) + log 2 = 100.6931472
+    #   (no overflow: a naive log(1 - sigmoid(100)) in float32 would be -log 0 = inf)
+    log3 = math.log(3)
+    logits = jnp.array([[0.0, log3, -log3], [0.0, log3, -log3], [100.0, -100.0, 0.0]])
+    labels = jnp.array([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    loss = train.compute_loss(logits, labels, "sigmoid_xent")
+    np.testing.assert_allclose(loss, [3.4657359, 1.2685113, 100.6931472], rtol=1e-6)
+
+
+# Logits log(w), w = [8, 4, 2, 1, 0.75, 0.25] (sum 16): softmax p = w/16, so the class ranked r
+# costs -log p = log 2, log 4, log 8, log 16, log(64/3), log 64. Example i's logits are these
+# rolled by i (the class ranked r is (r + i) % 6); its id i is written into pixel (0, 0, 0).
+_FIXED_LOGITS = np.stack([np.roll(np.log([8, 4, 2, 1, 0.75, 0.25]), i) for i in range(32)])
+
+
+def _fixed_logits_apply(variables, images, train):
+    del variables, train
+    return jnp.asarray(_FIXED_LOGITS, jnp.float32)[images[:, 0, 0, 0].astype(jnp.int32)]
+
+
+def _ranked_batch(ranks, mask, first_id):
+    """8 devices × 2 examples; example i's label is its class ranked ranks[i]."""
+    ids = first_id + np.arange(16).reshape(8, 2)
+    images = np.zeros((8, 2, 1, 1, 3), np.float32)
+    images[..., 0, 0, 0] = ids
+    labels = np.eye(6, dtype=np.float32)[(np.asarray(ranks) + ids) % 6]
+    return {"image": images, "label": labels, "mask": np.asarray(mask, np.float32)}
+
+
+def test_eval_of_fixed_logits_on_8_devices_by_hand():
+    # Batch 1: 13 real examples, 3 padded ones (mask 0) whose labels would be top-1 hits.
+    ranks_1 = [[0, 1], [0, 5], [2, 0], [0, 0], [1, 0], [3, 0], [0, 3], [0, 0]]
+    mask_1 = [[1, 1], [1, 1], [1, 1], [1, 0], [1, 1], [1, 1], [1, 1], [0, 0]]
+    # Batch 2: one real example (rank 5) on device 0, the rest padding.
+    ranks_2 = [[5, 0]] + [[0, 0]] * 7
+    mask_2 = [[1, 0]] + [[0, 0]] * 7
+    batches = [_ranked_batch(ranks_1, mask_1, 0), _ranked_batch(ranks_2, mask_2, 16)]
+    step = train.make_eval_step(types.SimpleNamespace(apply=_fixed_logits_apply), "softmax_xent")
+    metrics = train.evaluate(step, {}, batches)
+    # Real ranks: 0 ×7, 1 ×2, 2 ×1, 3 ×2, 5 ×2 = 14 examples.
+    #   top-1: the 7 of rank 0 → 7/14; top-5: all but the 2 of rank 5 → 12/14;
+    #   loss: (7·1 + 2·2 + 1·3 + 2·4 + 2·6)·log 2 / 14 = 34·log 2 / 14 = 1.6833574.
+    assert metrics["count"] == 14
+    assert metrics["accuracy"] == pytest.approx(0.5)
+    assert metrics["accuracy_top5"] == pytest.approx(12 / 14)
+    assert metrics["loss"] == pytest.approx(1.6833574, rel=1e-6)
 
 
 def test_nan_loss_stops_with_the_step(tmp_path, monkeypatch):
@@ -306,7 +422,7 @@ def test_missing_pretrained_file_fails_before_reading_the_dataset(tmp_path, monk
 def test_phase_order_is_checked(tmp_path):
     config = default_config.get_config()
     config.phases = ("finetune", "pretrain")
-    with pytest.raises(ValueError, match="has not run before it"):
+    with pytest.raises(ValueError, match="'pretrain', which does not run before it"):
         train.train_phases(config, str(tmp_path))
 
 
