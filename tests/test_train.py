@@ -86,13 +86,28 @@ def test_train_and_evaluate_returns_state_and_writes_params(tmp_path):
     assert metrics["count"] == DIGITS_TEST
 
 
+def test_a_run_traces_its_train_and_eval_steps_once(tmp_path, monkeypatch):
+    """Steps fed their own outputs (and the final eval fed the host state) compile once."""
+    traces = {"train_step": 0, "eval_step": 0}
+    for name in traces:
+        original = getattr(train, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            traces[_name] += 1  # runs when jax traces the step, not per call
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(train, name, counted)
+    train.train_and_evaluate(tiny_config(eval_every=1), str(tmp_path))  # 3 steps, 3 evals
+    assert traces == {"train_step": 1, "eval_step": 1}
+
+
 def _sgd_state_and_step(accum_steps, mixup_alpha=0.0):
     config = tiny_config(optimizer="sgd", momentum=0.0, grad_clip_norm=0.0, base_lr=0.5)
     config.update(accum_steps=accum_steps, warmup_steps=0, mixup_alpha=mixup_alpha)
     model = train.make_model(config, num_classes=10)
     schedule = train.make_schedule(config)
     state = train.create_state(config, model, schedule)
-    return jax_utils.replicate(state), train.make_train_step(config, schedule)
+    return train.replicate(state), train.make_train_step(config, schedule)
 
 
 def _random_batch(seed=0):
@@ -104,7 +119,7 @@ def _random_batch(seed=0):
 
 def test_gradient_accumulation_gives_the_same_sgd_update():
     batch = _random_batch()
-    key = jax_utils.replicate(jax.random.PRNGKey(0))
+    key = train.replicate(jax.random.PRNGKey(0))
     results = {}
     for k in (1, 4):
         state, step = _sgd_state_and_step(k)
@@ -152,7 +167,7 @@ def test_mixup_with_a_tiny_alpha_keeps_or_swaps_the_pair():
 
 def test_mixup_changes_the_step_and_alpha_zero_is_the_plain_step():
     batch = _random_batch()
-    key = jax_utils.replicate(jax.random.PRNGKey(0))
+    key = train.replicate(jax.random.PRNGKey(0))
     noise = np.random.default_rng(1)  # the zero-initialised head alone would give loss log(10)
     losses = {}
     for alpha in (0.0, 0.4):
@@ -162,7 +177,7 @@ def test_mixup_changes_the_step_and_alpha_zero_is_the_plain_step():
                 lambda p: p + 0.3 * noise.standard_normal(p.shape, np.float32),
                 jax_utils.unreplicate(state.params),
             )
-        _, metrics = step(state.replace(params=jax_utils.replicate(params)), batch, key)
+        _, metrics = step(state.replace(params=train.replicate(params)), batch, key)
         losses[alpha] = float(metrics["loss"][0])
     # alpha=0: the loss of the un-mixed batch (no dropout in tiny_config), as before mixup existed:
     # the mean of -log softmax(logits)[label], in float64 here.
@@ -313,7 +328,7 @@ def test_img_per_sec_leaves_out_compile_checkpoint_and_eval_time(monkeypatch):
         def write_scalars(self, step, scalars):
             self.scalars = scalars
 
-    step = jax_utils.replicate({"loss": 1.0, "lr": 0.1, "grad_norm": 1.0, "param_norm": 3.0})
+    step = train.replicate({"loss": 1.0, "lr": 0.1, "grad_norm": 1.0, "param_norm": 3.0})
     # start; a pause of 50 s; a pause of 2 s; the write at 70 s (and the next window's start).
     clock = iter([0.0, 0.0, 50.0, 60.0, 62.0, 70.0, 70.0])
     monkeypatch.setattr(train, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))
