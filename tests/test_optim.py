@@ -47,7 +47,8 @@ def test_schedule_landmarks():
     ("kwargs", "match"),
     [
         (dict(total_steps=10, warmup_steps=10), r"total_steps \(10\).*warmup_steps \(10\)"),
-        (dict(total_steps=10, warmup_steps=2, base_lr=-0.1), r"base_lr=-0.1"),
+        (dict(total_steps=10, warmup_steps=2, base_lr=-0.1), r"base_lr must be ≥ 0.*got -0.1"),
+        (dict(total_steps=10, warmup_steps=2, base_lr=float("nan")), r"finite.*got nan"),
         (dict(total_steps=10, warmup_steps=2, decay_type="step"), r"'step'.*cosine"),
     ],
 )
