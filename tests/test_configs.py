@@ -173,7 +173,9 @@ def test_finetune_arguments_are_parsed_and_checked():
 
 
 @pytest.mark.parametrize(
-    "make", [default_config.get_config, pretrain.get_config, finetune.get_config], ids=str
+    "make",
+    [default_config.get_config, pretrain.get_config, finetune.get_config],
+    ids=["default", "pretrain", "finetune"],  # stable ids: parallel workers must agree
 )
 def test_run_configs_are_locked(make):
     config = make()
