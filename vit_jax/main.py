@@ -59,8 +59,7 @@ def _native_stderr_hidden(hide: bool) -> Iterator[None]:
         os.close(devnull)
 
 
-with _native_stderr_hidden("--verbose" not in sys.argv):
-    from vit_jax import multihost, train  # imports TensorFlow (vit_jax.input_pipeline)
+_HIDE_NATIVE_STDERR = "--verbose" not in sys.argv
 
 
 def default_config_path() -> str:
@@ -186,7 +185,8 @@ HOST_FLAGS = (
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with config errors as one line instead of a traceback."""
     try:
-        return flags.FLAGS(argv)
+        with _native_stderr_hidden(_HIDE_NATIVE_STDERR):  # a recipe may import TensorFlow
+            return flags.FLAGS(argv)
     except flags.Error as e:
         _exit_with(_config_file_message(str(e)))
     except (AttributeError, KeyError) as e:  # the locked config rejected an override
@@ -211,6 +211,10 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.INFO)
+    with _native_stderr_hidden(not _VERBOSE.value):
+        # Imported here, not at the top: TensorFlow (through vit_jax.input_pipeline) takes
+        # seconds to import, which flag errors and --helpshort need not wait for.
+        from vit_jax import train
     if not _VERBOSE.value:
         console = absl_logging.get_absl_handler()
         console.addFilter(train.is_run_record)
@@ -234,6 +238,8 @@ def main(argv: list[str]) -> None:
 
 def _train(config) -> dict[str, float]:
     """Starts the multi-process runtime if asked, runs the config; the last phase's metrics."""
+    from vit_jax import multihost, train  # imported by main() already
+
     cluster = (_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if _DISTRIBUTED.value or any(value is not None for value in cluster):
         multihost.initialize(
