@@ -161,19 +161,24 @@ def test_save_overlay_writes_a_png_of_the_image_size(tmp_path):
     np.testing.assert_allclose(from_floats, pixels, atol=1)
 
 
-@needs_photo
-def test_command_line_writes_the_map_over_the_image(tmp_path, capsys):
+def _attention_command_line(tmp_path, out, *args: str, checkpoint_arg: str = "") -> int:
+    """`attention.main` for a random tiny ViT (8 px patches, 32 px) saved in `tmp_path`."""
     model = models.get_model("testing", num_classes=3, patches={"size": (8, 8)})
     ckpt = tmp_path / "params.npz"
     checkpoint.save(random_params(model, 32), ckpt)
-    out = tmp_path / "map.png"
     overrides = '{"patches": {"size": [8, 8]}}'
-    code = attention.main(
+    return attention.main(
         [
-            *(f"--checkpoint={tmp_path}", "--model=testing", f"--overrides={overrides}"),
-            *(f"--out={out}", str(CAT)),
+            *(f"--checkpoint={checkpoint_arg or ckpt}", "--model=testing"),
+            *(f"--overrides={overrides}", f"--out={out}", *args),
         ]
     )
+
+
+@needs_photo
+def test_command_line_writes_the_map_over_the_image(tmp_path, capsys):
+    out = tmp_path / "map.png"
+    code = _attention_command_line(tmp_path, out, str(CAT), checkpoint_arg=str(tmp_path))
     assert code == 0, capsys.readouterr().err
     with Image.open(out) as written:
         assert written.size == (451, 300)
@@ -196,17 +201,8 @@ def test_the_overlay_of_a_jpeg_shows_the_pixels_the_model_sees(tmp_path, capsys)
     noisy = np.clip(smooth + rng.normal(0, 6, smooth.shape), 0, 255).astype(np.uint8)
     jpeg = tmp_path / "photo.jpg"
     Image.fromarray(noisy).save(jpeg, quality=90)
-    model = models.get_model("testing", num_classes=3, patches={"size": (8, 8)})
-    ckpt = tmp_path / "params.npz"
-    checkpoint.save(random_params(model, 32), ckpt)
     out = tmp_path / "map.png"
-    overrides = '{"patches": {"size": [8, 8]}}'
-    code = attention.main(
-        [
-            *(f"--checkpoint={ckpt}", "--model=testing", f"--overrides={overrides}"),
-            *(f"--out={out}", "--alpha=0", str(jpeg)),  # alpha 0: the picture alone
-        ]
-    )
+    code = _attention_command_line(tmp_path, out, "--alpha=0", str(jpeg))  # the picture alone
     assert code == 0, capsys.readouterr().err
     with Image.open(out) as written:
         pixels = np.asarray(written.convert("RGB"))

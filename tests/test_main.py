@@ -159,15 +159,7 @@ def test_an_override_of_a_phase_key_without_its_phase_names_the_phase_keys(tmp_p
 
 
 def test_helpshort_says_how_configs_presets_and_overrides_work():
-    result = subprocess.run(
-        [sys.executable, "-m", "vit_jax.main", "--helpshort"],
-        cwd=REPO,
-        env=subprocess_env(devices=1),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
+    result = _cli("--helpshort")
     text = result.stdout + result.stderr
     for needed in (
         "configs/finetune.py:MODEL,DATASET",
