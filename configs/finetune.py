@@ -41,7 +41,7 @@ from typing import NamedTuple
 import ml_collections
 
 from configs import common
-from vit_jax import input_pipeline, models, models_vit
+from vit_jax import models, models_vit
 
 IMAGE_SIZE = 384  # ViT fine-tuning resolution, rounded up to a multiple of the model's patch
 # Mixer: the resolution of the released checkpoints (the token-mixing weights fix the grid).
@@ -56,7 +56,9 @@ class Preset(NamedTuple):
     warmup_steps: int
 
 
-FOLDER = input_pipeline.FOLDER_PREFIX  # the key of every 'folder:/path' dataset
+# The key of every 'folder:/path' dataset (input_pipeline.FOLDER_PREFIX; written out so that
+# loading this recipe does not import TensorFlow: tests/test_configs.py checks they agree).
+FOLDER = "folder:"
 PRESETS: dict[str, Preset] = {
     "cifar10": Preset("train[:98%]", "test", 10_000, 500),
     "cifar100": Preset("train[:98%]", "test", 10_000, 500),

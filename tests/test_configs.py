@@ -240,3 +240,9 @@ def test_a_multi_phase_workdir_as_pretrained_resolves_to_its_last_phase(tmp_path
     resolved = checkpoint.resolve_params_file(tmp_path)
     assert resolved == str(tmp_path / "finetune" / checkpoint.PARAMS_FILE)
     assert predict.resolve_checkpoint(tmp_path) == resolved  # one resolver for both
+
+
+def test_the_finetune_recipe_names_image_folders_as_the_input_pipeline_does():
+    from vit_jax import input_pipeline
+
+    assert finetune.FOLDER == input_pipeline.FOLDER_PREFIX
