@@ -100,7 +100,7 @@ def test_each_epoch_reads_every_example_once():
     images, labels = ip._digits_split("train")
     elements = ip._global_order(
         images,
-        labels,
+        {"label": labels},
         seed=0,
         start_step=0,
         global_batch_size=16,
@@ -116,7 +116,7 @@ def test_each_epoch_reads_every_example_once():
     assert collections.Counter(raw) == collections.Counter(expected)
     second = ip._global_order(
         images,
-        labels,
+        {"label": labels},
         seed=0,
         start_step=len(labels) // 16 + 1,
         global_batch_size=16,
@@ -179,8 +179,25 @@ def test_inception_crop_on_tiny_images_upscales():
 def test_multi_hot_labels():
     label = ip._encode_label(tf.constant([1, 3, 3], tf.int64), 5, multi_hot=True)
     np.testing.assert_array_equal(label.numpy(), [0, 1, 0, 1, 0])
-    with pytest.raises(ValueError, match="multi_hot"):
+    with pytest.raises(ValueError, match="targets='multi_hot'"):
         ip._encode_label(tf.constant([1, 3], tf.int64), 5, multi_hot=False)
+
+
+def test_targets_kinds_and_the_deprecated_multi_hot():
+    """targets='one_hot' is the default; multi_hot= (train.py still passes it) maps onto targets."""
+    one_hot = next(_train())
+    with pytest.warns(DeprecationWarning, match="targets='multi_hot'"):
+        legacy = next(_train(multi_hot=False))
+    np.testing.assert_array_equal(legacy["label"], one_hot["label"])
+    with pytest.warns(DeprecationWarning):
+        multi = next(iter(_eval(global_batch_size=8, multi_hot=True)))
+    np.testing.assert_array_equal(multi["label"], next(iter(_eval(global_batch_size=8)))["label"])
+    with pytest.raises(ValueError, match="not both"), pytest.warns(DeprecationWarning):
+        _train(targets="value", multi_hot=True)
+    with pytest.raises(ValueError, match="Unknown targets 'onehot'; valid values: one_hot, multi"):
+        _eval(targets="onehot")
+    value = next(_train(targets="value"))  # the class name's value: the digit
+    np.testing.assert_array_equal(value["target"][..., 0], one_hot["label"].argmax(-1))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,18 +1,24 @@
 """Training and evaluation data: sources, preprocessing, per-host split and device batching.
 
 This module owns:
-- the three kinds of source a run can name: a tfds dataset (`'cifar10'`, with split slicing such
+- the four kinds of source a run can name: a tfds dataset (`'cifar10'`, with split slicing such
   as `'train[:98%]'`), an image folder (`'folder:/path'` with `train/<class>/*` and
-  `test/<class>/*`), and the embedded offline set `'sklearn_digits'` (scikit-learn's 8×8 digits);
+  `test/<class>/*`), a CSV of per-image regression targets (`'csv:/path/train.csv'`, splits
+  'train' and 'validation': `vit_jax.csv_dataset`), and the embedded offline set
+  `'sklearn_digits'` (scikit-learn's 8×8 digits);
 - preprocessing: Inception crop → resize → random flip for training, resize (or resize-small +
-  centre crop) for evaluation; images in [-1, 1] float32, labels one-hot (or multi-hot) float32;
+  centre crop) for evaluation; images in [-1, 1] float32;
+- the targets a batch carries (`targets`, one of `TARGET_KINDS`): 'one_hot' or 'multi_hot'
+  `label` float32 [C] for class labels, or 'value': `target` float32 [T] (a CSV's target columns,
+  or the numeric value of a class name such as '1' … '5') and, for a CSV with feature columns,
+  `features` float32 [F];
 - the per-process slice of the data (each process reads its own disjoint part);
 - batching for `pmap`: `[local_device_count, per_device, ...]`, evaluation padded with a `mask`
   so that every example is counted exactly once.
 
 Training streams are seeded and augmentation uses stateless random ops keyed by the element's
 absolute stream position, so `start_step=k` reproduces an uninterrupted stream from step k on.
-- The offline set and image folders are addressable by index: their stream is one seeded
+- The offline set, image folders and CSVs are addressable by index: their stream is one seeded
   permutation per epoch, cut into global batches, and process i decodes only the i-th part of each
   global batch. The global batches are therefore the same for any number of processes (a 2-host
   run sees the data a 1-host run sees), and resuming costs no reading.
@@ -43,6 +49,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
@@ -50,10 +57,13 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vit_jax import image_folder
+from vit_jax import csv_dataset, image_folder
+from vit_jax.csv_dataset import CsvSpec
 
 DIGITS = "sklearn_digits"
 FOLDER_PREFIX = "folder:"
+CSV_PREFIX = "csv:"
+TARGET_KINDS = ("one_hot", "multi_hot", "value")
 FOLDER_SPLITS = ("train", "test")
 EVAL_CROPS = ("resize", "resize_small_crop")
 _DIGITS_TEST_FRACTION = 0.2
@@ -70,28 +80,42 @@ Batch = dict[str, np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-    """What the training loop needs to know about a dataset before reading it."""
+    """What the training loop needs to know about a dataset before reading it.
+
+    Regression (`targets='value'`): the model predicts `len(target_names)` values; `target_stats`
+    ('mean', 'std', 'min', 'max', one float per target, over the train split of all processes)
+    normalises the targets and scales a sigmoid output. `num_classes` stays the class count of a
+    class-labelled source (0 for a CSV).
+    """
 
     name: str
     num_classes: int
     num_examples: dict[str, int]  # per split name as given (slices resolved), all processes
     class_names: tuple[str, ...] | None
+    target_names: tuple[str, ...] | None = None  # None: classification
+    num_features: int = 0  # length of each example's `features` (a CSV's feature columns)
+    target_stats: dict[str, tuple[float, ...]] | None = None  # None: classification
 
 
 @dataclasses.dataclass(frozen=True)
 class _Source:
     """One split, already restricted to this process: raw elements and how to decode them."""
 
-    dataset: tf.data.Dataset  # elements {'image': raw, 'label': int64 or int64[None]}
+    # Elements {'image': raw, 'label': int64 or int64[None]}, or (a CSV) {'image': raw,
+    # 'target': float32 [T], 'features': float32 [F] if F > 0}.
+    dataset: tf.data.Dataset
     decode: Callable[[Any], tf.Tensor]  # raw image (tensor or ImageFiles of one file) → uint8
     num_examples: int  # examples of this process
     max_process_examples: int  # the most any process holds (eval pads every process to it)
-    num_classes: int
+    num_classes: int  # 0 for a CSV
     class_names: tuple[str, ...] | None
     total_examples: int  # of the whole split, all processes
-    # The whole split (all processes) as (raw images or `ImageFiles`, int64 labels), when it is
-    # held in memory and so addressable by index: training then reads it in one global order.
-    arrays: tuple[np.ndarray | image_folder.ImageFiles, np.ndarray] | None = None
+    # The whole split (all processes) as (raw images or `ImageFiles`, the elements' other fields),
+    # when it is held in memory and so addressable by index: training then reads it in one global
+    # order.
+    arrays: tuple[np.ndarray | image_folder.ImageFiles, dict[str, np.ndarray]] | None = None
+    target_names: tuple[str, ...] | None = None  # a CSV's target columns (regression only)
+    num_features: int = 0
 
 
 class EvalBatches:
@@ -127,29 +151,45 @@ def get_dataset_info(
     download: bool = True,
     process_index: int = 0,
     process_count: int = 1,
+    targets: str = "one_hot",
+    csv: CsvSpec | None = None,
 ) -> DatasetInfo:
     """Number of classes, class names and the example count of both splits (all processes).
 
     In a multi-process JAX run, pass this process's `process_index`/`process_count` and call it
-    on every process at once: an image folder's validation is then split between them.
+    on every process at once: an image folder's (or a CSV's) validation is then split between them.
+    `targets` is what the batches will carry (as for the iterators); with 'value', `target_names`
+    and `target_stats` (over `train_split`) are filled in. A tfds dataset's stats cost one pass
+    over the train split's labels (images not decoded). `csv` (None: `CsvSpec()`) reads a
+    `'csv:…'` dataset.
     """
-    counts = {}
-    for split in (train_split, test_split):
-        source = _load_source(
-            dataset,
-            split,
-            process_index=process_index,
-            process_count=process_count,
-            data_dir=data_dir,
-            manual_dir=manual_dir,
-            download=download,
-        )
-        counts[split] = source.total_examples
+    load = functools.partial(
+        _load_source,
+        dataset,
+        process_index=process_index,
+        process_count=process_count,
+        data_dir=data_dir,
+        manual_dir=manual_dir,
+        download=download,
+        csv=csv,
+    )
+    sources = {split: load(split) for split in (train_split, test_split)}
+    source = sources[train_split]
+    _check_targets(dataset, source, targets)
+    stats, names = None, source.target_names
+    if targets == "value":
+        names = names or ("label",)  # a class-labelled source: the class name's value
+        if source.arrays is None:  # tfds: every process reads all labels of the split
+            source = load(train_split, process_index=0, process_count=1)
+        stats = csv_dataset.target_stats(_train_values(dataset, source))
     return DatasetInfo(
         name=dataset,
         num_classes=source.num_classes,
-        num_examples=counts,
+        num_examples={split: s.total_examples for split, s in sources.items()},
         class_names=source.class_names,
+        target_names=names,
+        num_features=source.num_features,
+        target_stats=stats,
     )
 
 
@@ -167,14 +207,19 @@ def get_train_iterator(
     data_dir: str | None = None,
     manual_dir: str | None = None,
     shuffle_buffer: int = 10_000,
-    multi_hot: bool = False,
+    targets: str = "one_hot",
     download: bool = True,
+    csv: CsvSpec | None = None,
+    multi_hot: bool | None = None,
 ) -> Iterator[Batch]:
     """Endless augmented training batches `{'image', 'label'}` shaped for `pmap`.
 
-    `start_step=k` yields exactly the batches an uninterrupted iterator yields from step k on.
-    `shuffle_buffer` applies to tfds datasets only (the others are permuted whole, per epoch).
+    With `targets='value'`: `{'image', 'target'}`, plus `'features'` for a CSV with feature
+    columns. `start_step=k` yields exactly the batches an uninterrupted iterator yields from step
+    k on. `shuffle_buffer` applies to tfds datasets only (the others are permuted whole, per
+    epoch). `multi_hot` is deprecated (train.py still passes it): use `targets`.
     """
+    targets = _deprecated_multi_hot(targets, multi_hot)
     per_host, per_device = _batch_sizes(global_batch_size, local_device_count, process_count)
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}.")
@@ -187,7 +232,9 @@ def get_train_iterator(
         manual_dir=manual_dir,
         download=download,
         shuffle_seed=seed,
+        csv=csv,
     )
+    encode = _target_encoder(dataset, source, targets)
     base_seed = tf.constant([seed, 0], tf.int64)
     if source.arrays is not None:
         ds = _global_order(
@@ -212,10 +259,7 @@ def get_train_iterator(
         image = _inception_crop(source.decode(example["image"]), crop_seed)
         image = _resize(image, image_size)
         image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-        return {
-            "image": _normalize(image),
-            "label": _encode_label(example["label"], source.num_classes, multi_hot),
-        }
+        return {"image": _normalize(image), **encode(example)}
 
     ds = ds.map(preprocess, num_parallel_calls=_TRAIN_PARALLEL_CALLS)
     ds = ds.batch(per_host, drop_remainder=True)
@@ -236,10 +280,17 @@ def get_eval_iterator(
     data_dir: str | None = None,
     manual_dir: str | None = None,
     eval_crop: Literal["resize", "resize_small_crop"] = "resize",
-    multi_hot: bool = False,
+    targets: str = "one_hot",
     download: bool = True,
+    csv: CsvSpec | None = None,
+    multi_hot: bool | None = None,
 ) -> EvalBatches:
-    """Evaluation batches `{'image', 'label', 'mask'}`; each pass covers every example once."""
+    """Evaluation batches `{'image', 'label', 'mask'}`; each pass covers every example once.
+
+    With `targets='value'`: `'target'` (and a CSV's `'features'`) instead of `'label'`; padded
+    entries are zeros with `mask == 0`. `multi_hot` is deprecated: use `targets`.
+    """
+    targets = _deprecated_multi_hot(targets, multi_hot)
     if eval_crop not in EVAL_CROPS:
         raise ValueError(f"Unknown eval_crop {eval_crop!r}; valid values: {', '.join(EVAL_CROPS)}.")
     per_host, per_device = _batch_sizes(global_batch_size, local_device_count, process_count)
@@ -251,7 +302,9 @@ def get_eval_iterator(
         data_dir=data_dir,
         manual_dir=manual_dir,
         download=download,
+        csv=csv,
     )
+    encode = _target_encoder(dataset, source, targets)
     num_batches = math.ceil(source.max_process_examples / per_host)
 
     def preprocess(example):
@@ -262,18 +315,14 @@ def get_eval_iterator(
             image = _resize_small_centre_crop(image, image_size)
         return {
             "image": _normalize(image),
-            "label": _encode_label(example["label"], source.num_classes, multi_hot),
+            **encode(example),
             "mask": tf.constant(1.0, tf.float32),
         }
 
     ds = source.dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-    padding = tf.data.Dataset.from_tensors(
-        {
-            "image": tf.zeros([image_size, image_size, 3], tf.float32),
-            "label": tf.zeros([source.num_classes], tf.float32),
-            "mask": tf.constant(0.0, tf.float32),
-        }
-    ).repeat(num_batches * per_host - source.num_examples)
+    zeros = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
+    padding = tf.data.Dataset.from_tensors(zeros)  # every key, mask 0
+    padding = padding.repeat(num_batches * per_host - source.num_examples)
     ds = ds.concatenate(padding).batch(per_host, drop_remainder=True)
     ds = ds.map(functools.partial(_shard, devices=local_device_count, per_device=per_device))
     ds = ds.prefetch(2).with_options(_options())
@@ -282,7 +331,9 @@ def get_eval_iterator(
 
 def needs_preparation(dataset: str) -> bool:
     """Whether `dataset` is a tfds dataset (downloaded and prepared on first use)."""
-    return not (dataset == DIGITS or dataset.startswith(FOLDER_PREFIX))
+    return not (
+        dataset == DIGITS or dataset.startswith(FOLDER_PREFIX) or dataset.startswith(CSV_PREFIX)
+    )
 
 
 def prefetch_to_device(iterator: Iterable[Batch], size: int = 2) -> Iterator[Any]:
@@ -328,7 +379,7 @@ def _options(autotune: bool = True) -> tf.data.Options:
 
 def _global_order(
     images: np.ndarray | image_folder.ImageFiles,
-    labels: np.ndarray,
+    fields: dict[str, np.ndarray],
     *,
     seed: int,
     start_step: int,
@@ -336,14 +387,14 @@ def _global_order(
     process_index: int,
     process_count: int,
 ) -> tf.data.Dataset:
-    """`(position, {'image', 'label'})` of this process's part of each global batch, raw images.
+    """`(position, {'image', **fields})` of this process's part of each global batch, raw images.
 
     Stream position p holds example `permutation_e[p mod n]` of epoch e = p // n (a seeded
     permutation of all n examples per epoch); global batch b is positions [bB, (b+1)B) and process
     i takes its i-th contiguous part. Only integers are skipped and sliced; each process gathers
     (and later decodes) its own examples only.
     """
-    n = len(labels)
+    n = len(next(iter(fields.values())))  # 'label', or a CSV's 'target' (and 'features')
     per_host = global_batch_size // process_count
     first = start_step * global_batch_size
     epoch_seed = tf.constant([seed, 1], tf.int64)
@@ -357,7 +408,7 @@ def _global_order(
     own = slice(process_index * per_host, (process_index + 1) * per_host)
     ds = tf.data.Dataset.range(first // n, np.iinfo(np.int64).max).flat_map(epoch)
     ds = ds.skip(first % n).batch(global_batch_size).map(lambda p, i: (p[own], i[own])).unbatch()
-    labels = tf.constant(labels)
+    columns = {key: tf.constant(values) for key, values in fields.items()}
     if isinstance(images, image_folder.ImageFiles):  # paths looked up in Python, not embedded
         paths = images.paths.astype(np.bytes_)  # in the graph (millions would near protobuf's 2 GB)
         tf_decodes = tf.constant(images.tf_decodes, tf.bool)  # next to each path, by index
@@ -372,10 +423,10 @@ def _global_order(
         def image_at(i):
             return tf.gather(images, i)
 
-    return ds.map(
-        lambda p, i: (p, {"image": image_at(i), "label": tf.gather(labels, i)}),
-        num_parallel_calls=_TRAIN_PARALLEL_CALLS,
-    )
+    def element(p, i):
+        return p, {"image": image_at(i), **{k: tf.gather(v, i) for k, v in columns.items()}}
+
+    return ds.map(element, num_parallel_calls=_TRAIN_PARALLEL_CALLS)
 
 
 def _check_process(process_index: int, process_count: int) -> None:
@@ -445,8 +496,64 @@ def _encode_label(label: tf.Tensor, num_classes: int, multi_hot: bool) -> tf.Ten
     if multi_hot and label.shape.rank == 1:
         return tf.reduce_max(tf.one_hot(label, num_classes, dtype=tf.float32), axis=0)
     if label.shape.rank != 0:
-        raise ValueError(f"Labels of shape {label.shape} need multi_hot=True.")
+        raise ValueError(f"Labels of shape {label.shape} need targets='multi_hot'.")
     return tf.one_hot(label, num_classes, dtype=tf.float32)
+
+
+def _deprecated_multi_hot(targets: str, multi_hot: bool | None) -> str:
+    """`targets`, or what the deprecated `multi_hot=` (still passed by train.py) meant."""
+    if multi_hot is None:
+        return targets
+    warnings.warn(
+        "multi_hot= is deprecated: pass targets='multi_hot' (or 'one_hot').",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    if targets != "one_hot":
+        raise ValueError(f"Pass targets={targets!r} or the deprecated multi_hot=, not both.")
+    return "multi_hot" if multi_hot else "one_hot"
+
+
+def _check_targets(dataset: str, source: _Source, targets: str) -> None:
+    """One clear error for a `targets` kind the source cannot give."""
+    if targets not in TARGET_KINDS:
+        raise ValueError(f"Unknown targets {targets!r}; valid values: {', '.join(TARGET_KINDS)}.")
+    if source.target_names is not None and targets != "value":
+        raise ValueError(
+            f"Dataset {dataset!r} has regression targets ({', '.join(source.target_names)}), "
+            f"not class labels: use targets='value' (task='regression'), not {targets!r}."
+        )
+    if targets == "value" and source.target_names is None:
+        if source.dataset.element_spec["label"].shape.rank != 0:
+            raise ValueError(
+                f"Dataset {dataset!r} has several labels per example: targets='value' needs one "
+                "class per example (use targets='multi_hot')."
+            )
+        csv_dataset.class_values(dataset, source.class_names)
+
+
+def _target_encoder(dataset: str, source: _Source, targets: str) -> Callable[[dict], dict]:
+    """A raw element's label or target fields → the batch's target keys for `targets`."""
+    _check_targets(dataset, source, targets)
+    if source.target_names is not None:  # a CSV: its fields as they are
+        return lambda ex: {k: ex[k] for k in ("target", "features") if k in ex}
+    if targets == "value":
+        values = tf.constant(csv_dataset.class_values(dataset, source.class_names))
+        return lambda ex: {"target": tf.gather(values, ex["label"])[None]}
+    multi_hot = targets == "multi_hot"
+    return lambda ex: {"label": _encode_label(ex["label"], source.num_classes, multi_hot)}
+
+
+def _train_values(dataset: str, source: _Source) -> np.ndarray:
+    """float [N, T]: the regression targets of a whole split (a tfds one read in one pass)."""
+    if source.arrays is not None:
+        fields = source.arrays[1]
+        if "target" in fields:
+            return fields["target"]
+        labels = fields["label"]
+    else:
+        labels = np.fromiter(source.dataset.map(lambda ex: ex["label"]).as_numpy_iterator(), int)
+    return csv_dataset.class_values(dataset, source.class_names)[labels][:, None]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -463,12 +570,16 @@ def _load_source(
     manual_dir: str | None = None,
     download: bool = True,
     shuffle_seed: int | None = None,
+    csv: CsvSpec | None = None,
 ) -> _Source:
     if dataset == DIGITS:
         return _digits_source(split, process_index, process_count)
     if dataset.startswith(FOLDER_PREFIX):
         root = dataset[len(FOLDER_PREFIX) :]
         return _folder_source(root, split, process_index, process_count)
+    if dataset.startswith(CSV_PREFIX):
+        path = dataset[len(CSV_PREFIX) :]
+        return _csv_source(path, split, csv or CsvSpec(), process_index, process_count)
     return _tfds_source(
         dataset,
         split,
@@ -483,26 +594,43 @@ def _load_source(
 
 def _from_arrays(
     images: Any,
-    labels: np.ndarray,
+    fields: dict[str, np.ndarray],
     decode: Callable,
     process_index: int,
     process_count: int,
-    class_names: tuple[str, ...],
+    class_names: tuple[str, ...] | None,
+    target_names: tuple[str, ...] | None = None,
 ) -> _Source:
-    """Strided per-process slice of in-memory images (or `ImageFiles`) and integer labels."""
-    own, most = _process_slice(len(labels), process_index, process_count)
+    """Strided per-process slice of in-memory images (or `ImageFiles`) and their fields.
+
+    `fields`: {'label': int64 [N]}, or a CSV's {'target': float32 [N, T], 'features' [N, F]}.
+    """
+    n = len(next(iter(fields.values())))
+    own, most = _process_slice(n, process_index, process_count)
     own_part = slice(process_index, None, process_count)
     own_images = tf.nest.map_structure(lambda array: array[own_part], images)
-    ds = tf.data.Dataset.from_tensor_slices({"image": own_images, "label": labels[own_part]})
+    own_fields = {key: values[own_part] for key, values in fields.items()}
+    ds = tf.data.Dataset.from_tensor_slices({"image": own_images, **own_fields})
+    num_features = fields["features"].shape[1] if "features" in fields else 0
     return _Source(
-        ds, decode, own, most, len(class_names), class_names, len(labels), (images, labels)
+        ds,
+        decode,
+        own,
+        most,
+        len(class_names or ()),
+        class_names,
+        n,
+        (images, fields),
+        target_names,
+        num_features,
     )
 
 
 def _digits_source(split: str, process_index: int, process_count: int) -> _Source:
     images, labels = _digits_split(split)
     class_names = tuple(str(i) for i in range(10))
-    return _from_arrays(images, labels, tf.identity, process_index, process_count, class_names)
+    fields = {"label": labels}
+    return _from_arrays(images, fields, tf.identity, process_index, process_count, class_names)
 
 
 @functools.cache
@@ -536,7 +664,7 @@ def _folder_source(root: str, split: str, process_index: int, process_count: int
     )
     return _from_arrays(
         image_folder.ImageFiles(np.array(paths), np.array(tf_decodes, bool)),
-        np.array(labels, np.int64),
+        {"label": np.array(labels, np.int64)},
         _decode_folder_file,
         process_index,
         process_count,
@@ -658,6 +786,35 @@ def _is_readable_image(path: str) -> int:
 
 def _decode_folder_file(file: image_folder.ImageFiles) -> tf.Tensor:
     return image_folder.decode_file(file.paths, file.tf_decodes)
+
+
+def _csv_source(
+    path: str, split: str, spec: CsvSpec, process_index: int, process_count: int
+) -> _Source:
+    """A CSV's split (`vit_jax.csv_dataset`): image files with 'target' (and 'features')."""
+    _check_process(process_index, process_count)
+    data = _csv_data(os.path.abspath(path), spec, process_index, process_count)
+    part = data.split(split)
+    fields = {"target": part.targets}
+    if part.features.shape[1]:
+        fields["features"] = part.features
+    images = image_folder.ImageFiles(part.paths, part.tf_decodes)
+    return _from_arrays(
+        images, fields, _decode_folder_file, process_index, process_count, None, spec.target_columns
+    )
+
+
+@functools.cache
+def _csv_data(
+    path: str, spec: CsvSpec, process_index: int, process_count: int
+) -> csv_dataset.CsvData:
+    """A CSV read and its images judged once per process lifetime, as image folders are."""
+
+    def decoders(paths: list[str]) -> list[bool | None]:
+        verdicts = _readable(paths, process_index, process_count)
+        return [None if v == _UNREADABLE else v == _TF_DECODES for v in verdicts]
+
+    return csv_dataset.load(path, spec, decoders)
 
 
 def _tfds_source(
