@@ -143,6 +143,9 @@ def test_pawpularity_reads_targets_and_features_per_image(pets):
                 pytest.approx(expected)
             )
     assert sorted(seen) == list(range(ROWS))  # each row once, in one of the two splits
+    test_csv = dataset.replace("train.csv", "test.csv")  # Kaggle's test.csv: no target column
+    with pytest.raises(ValueError, match=r"test\.csv' has no column\(s\) \['Pawpularity'\]"):
+        _eval(test_csv, "train")
     # Without feature columns the batches carry no 'features'.
     batch = next(iter(_eval(dataset, csv=CsvSpec())))
     assert sorted(batch) == ["image", "mask", "target"]
@@ -367,6 +370,30 @@ def test_digits_value_targets_are_the_labels():
     np.testing.assert_array_equal(targets, ip._digits_split("test")[1])
     batch = next(ip.get_train_iterator("sklearn_digits", "train", seed=0, **_SMALL, **_VAL))
     assert sorted(batch) == ["image", "target"] and batch["target"].shape == (4, 2, 1)
+
+
+def test_tfds_value_stats_cover_the_whole_train_split():
+    """Every process reads all train labels (not its own part) for the same target_stats."""
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=12):
+        source = ip._load_source("mnist", "train")
+        labels = np.array([x["label"] for x in source.dataset.as_numpy_iterator()], np.float64)
+        infos = [
+            ip.get_dataset_info(
+                "mnist",
+                train_split="train",
+                test_split="test",
+                targets="value",
+                process_index=i,
+                process_count=2,
+            )
+            for i in (0, 1)
+        ]
+    assert len(labels) == 12 and labels.std() > 0
+    assert infos[0].target_stats == infos[1].target_stats
+    assert infos[0].target_stats["mean"] == pytest.approx((labels.mean(),))
+    assert infos[0].target_stats["std"] == pytest.approx((labels.std(),))
 
 
 def test_class_names_must_be_numbers_for_value(tmp_path):
