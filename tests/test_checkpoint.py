@@ -468,3 +468,47 @@ def test_load_pretrained_reports_every_real_mismatch(tmp_path):
         "checkpoint has (16, 24)" in message
     )
     assert "head" not in message and "pre_logits" not in message
+
+
+def _head_hidden_model(num_classes=1, head_hidden_size=4):
+    return _tiny_vit(
+        num_classes=num_classes, representation_size=16, head_hidden_size=head_hidden_size
+    )
+
+
+def test_load_pretrained_gives_head_hidden_a_fresh_init(tmp_path, caplog):
+    # A file without head_hidden (as every released one) loads into a model with it.
+    path, pretrained = _pretrained_file(tmp_path)
+    model = _head_hidden_model()
+    init = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+    with caplog.at_level("INFO"):
+        params = checkpoint.load_pretrained(pretrained_path=path, init_params=init)
+    assert "head_hidden from init_params (fresh init; not in the checkpoint)" in caplog.text
+    _assert_trees_equal(params["head_hidden"], init["head_hidden"])
+    _assert_trees_equal(params["head"], init["head"])
+    _assert_trees_equal(params["pre_logits"], pretrained["pre_logits"])
+    _assert_trees_equal(params["Transformer"], pretrained["Transformer"])
+    assert model.apply({"params": params}, jnp.zeros((2, 32, 32, 3)), train=False).shape == (2, 1)
+
+
+def test_load_pretrained_replaces_or_drops_a_checkpoints_head_hidden(tmp_path, caplog):
+    trained = _init(_head_hidden_model(num_classes=3, head_hidden_size=4))
+    path = tmp_path / "with_head_hidden.npz"
+    checkpoint.save(trained, path)
+    # Into a model with a head_hidden of another width: the fresh one, whatever the file has.
+    model = _head_hidden_model(num_classes=1, head_hidden_size=8)
+    init = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+    with caplog.at_level("INFO"):
+        params = checkpoint.load_pretrained(pretrained_path=path, init_params=init)
+    assert "head_hidden from init_params (fresh init; replaces the checkpoint's)" in caplog.text
+    _assert_trees_equal(params["head_hidden"], init["head_hidden"])
+    _assert_trees_equal(params["pre_logits"], trained["pre_logits"])
+    # Into a model without one: dropped, and logged.
+    plain = _tiny_vit(num_classes=2, representation_size=16)
+    init = plain.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        params = checkpoint.load_pretrained(pretrained_path=path, init_params=init)
+    assert "head_hidden dropped (the new model has none)" in caplog.text
+    assert set(params) == set(init)
+    _assert_trees_equal(params["head"], init["head"])

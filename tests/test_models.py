@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 
-from vit_jax import checkpoint, models, models_vit
+from vit_jax import checkpoint, models, models_vit, stochastic_depth
 from vit_jax.models_mixer import MlpMixer
 from vit_jax.models_vit import VisionTransformer
 
@@ -1210,3 +1211,326 @@ def test_original_configs_import_path():
     mixer = MlpMixer(num_classes=10, **models_config.MODEL_CONFIGS["Mixer-B_16"])
     _, out = abstract_init(mixer, (1, 224, 224, 3))
     assert out.shape == (1, 10)
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. Recipe options: stochastic depth, the MLP head, extra per-example features.
+
+
+def test_recipe_options_off_keep_the_tree_and_the_numbers(vit_setup):
+    """drop_path_rate=0, head_hidden_size 0/None, features=None: today's model, bit for bit."""
+    model, params, x, want = vit_setup
+    dropout = dict(
+        num_layers=2, mlp_dim=24, num_heads=3, dropout_rate=0.2, attention_dropout_rate=0.2
+    )
+    base = model.clone(transformer=dropout)
+    off = base.clone(drop_path_rate=0.0, head_hidden_size=0)
+    tree, _ = abstract_init(off, VIT_IMAGE)
+    assert flat_shapes(tree) == flat_shapes(params)
+    np.testing.assert_array_equal(jitted_apply(off)({"params": params}, x, features=None), want)
+    train = [
+        jax.jit(functools.partial(m.apply, train=True))(
+            {"params": params}, x, rngs={"dropout": rng_key(3)}
+        )
+        for m in (base, off)
+    ]
+    np.testing.assert_array_equal(*train)  # the dropout masks are today's too
+    mixer, mixer_off = tiny_mixer(), tiny_mixer(head_hidden_size=None)
+    mixer_params = random_params(mixer, MIXER_IMAGE, seed=4)
+    assert flat_shapes(abstract_init(mixer_off, MIXER_IMAGE)[0]) == flat_shapes(mixer_params)
+    np.testing.assert_array_equal(
+        logits(mixer_off, mixer_params, images(MIXER_IMAGE)),
+        logits(mixer, mixer_params, images(MIXER_IMAGE)),
+    )
+
+
+def test_drop_path_rates_grow_linearly_over_depth():
+    # DeiT / timm: torch.linspace(0, rate, depth).
+    np.testing.assert_allclose(stochastic_depth.drop_path_rates(0.3, 4), [0, 0.1, 0.2, 0.3])
+    np.testing.assert_array_equal(stochastic_depth.drop_path_rates(0.3, 1), [0.0])
+    rates = stochastic_depth.drop_path_rates(0.1, 12)
+    assert rates.dtype == np.float32 and rates[0] == 0.0
+    np.testing.assert_allclose(rates[1], 0.1 / 11, rtol=1e-6)
+
+
+def test_drop_path_zeroes_or_scales_whole_samples():
+    x = jnp.ones((20_000, 3, 2), jnp.float32)
+    out, keep = stochastic_depth.drop_path(x, jnp.float32(0.25), jax.random.key(0))
+    out, keep = np.asarray(out), np.asarray(keep)
+    assert out.dtype == np.float32 and keep.shape == (20_000,)
+    # A sample is dropped or kept whole: all zeros, or all 1 / (1 - 0.25).
+    want = np.where(keep, np.float32(1 / 0.75), 0.0)[:, None, None]
+    np.testing.assert_array_equal(out, np.broadcast_to(want, out.shape))
+    assert abs((1 - np.asarray(keep).mean()) - 0.25) < 0.01  # std of the fraction: 0.003
+    assert abs(out.mean() - 1.0) < 0.015  # the expected value is the input's
+    same, keep_all = stochastic_depth.drop_path(x.astype(jnp.bfloat16), 0.0, jax.random.key(0))
+    assert np.asarray(keep_all).all() and same.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(same, np.float32), 1.0)
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.0, 2, float("nan"), True, "0.1", None])
+def test_drop_path_rate_is_validated(rate):
+    with pytest.raises(ValueError, match=r"drop_path_rate must be a float in \[0, 1\)") as info:
+        abstract_init(tiny_vit(drop_path_rate=rate), VIT_IMAGE)
+    assert repr(rate) in str(info.value)
+
+
+def test_drop_path_is_off_in_evaluation(vit_setup):
+    model, params, x, want = vit_setup
+    dropping = model.clone(drop_path_rate=0.5)
+    assert flat_shapes(abstract_init(dropping, VIT_IMAGE)[0]) == flat_shapes(params)
+    np.testing.assert_array_equal(logits(dropping, params, x), want)  # and needs no rng
+
+
+# Four blocks, rates 0, 0.2, 0.4, 0.6; no dropout, so the drop-path masks are the only noise.
+DROP_PATH_TRANSFORMER = dict(
+    num_layers=4, mlp_dim=24, num_heads=3, dropout_rate=0.0, attention_dropout_rate=0.0
+)
+DROP_PATH_RATES = (0.0, 0.2, 0.4, 0.6)
+
+
+def _drop_path_model(**overrides) -> VisionTransformer:
+    return tiny_vit(transformer=DROP_PATH_TRANSFORMER, drop_path_rate=0.6, **overrides)
+
+
+def _train_with_masks(model, params, x, seed=0):
+    """Training-mode logits and the keep masks, (layers, 2 branches, batch), of every block."""
+    apply = jax.jit(functools.partial(model.apply, train=True, mutable=["intermediates"]))
+    out, state = apply({"params": params}, x, rngs={"dropout": rng_key(seed)})
+    blocks = state["intermediates"]["Transformer"]
+    if model.scan:
+        (keep,) = blocks["encoderblock"]["drop_path_keep"]
+    else:
+        keep = np.stack([blocks[f"encoderblock_{i}"]["drop_path_keep"][0] for i in range(4)])
+    return np.asarray(out), np.asarray(keep)
+
+
+def test_drop_path_drops_each_branch_at_its_blocks_rate():
+    model = _drop_path_model()
+    x = images((1024, 8, 8, 3))
+    _, keep = _train_with_masks(model, random_params(model, x.shape, seed=7), x)
+    assert keep.shape == (4, 2, 1024) and keep.dtype == bool
+    dropped = 1.0 - keep.mean(axis=-1)  # (layer, branch)
+    # Binomial std of a fraction of 1024 draws is <= 0.016; 0.05 is over 3 of them.
+    np.testing.assert_allclose(dropped, np.repeat([DROP_PATH_RATES], 2, 0).T, atol=0.05)
+    assert keep[0].all()  # block 0's rate is exactly 0
+    # The two branches of a block draw independent masks (agreement ~ 0.6² + 0.4² = 0.52).
+    assert 0.45 < (keep[3, 0] == keep[3, 1]).mean() < 0.6
+
+
+def np_vit_dropped(p, x, keep, rates):
+    """`np_vit` (token, representation 8) with each block's branches masked and rescaled."""
+    h = np_patch_embed(np.asarray(x, np.float64), p["embedding"])
+    h = np.concatenate([np.broadcast_to(p["cls"], (h.shape[0], 1, h.shape[2])), h], axis=1)
+    h = h + p["Transformer"]["posembed_input"]["pos_embedding"]
+    for i, rate in enumerate(rates):
+        b = p["Transformer"][f"encoderblock_{i}"]
+        scale = keep[i][:, :, None, None] / (1.0 - rate)  # (2, batch, 1, 1)
+        attention = np_attention(
+            np_layernorm(h, b["LayerNorm_0"]), b["MultiHeadDotProductAttention_0"], 3
+        )
+        h = h + scale[0] * attention
+        y = np_layernorm(h, b["LayerNorm_1"])
+        y = np_dense(
+            np_gelu_tanh(np_dense(y, b["MlpBlock_0"]["Dense_0"])), b["MlpBlock_0"]["Dense_1"]
+        )
+        h = h + scale[1] * y
+    h = np_layernorm(h, p["Transformer"]["encoder_norm"])[:, 0]
+    return np_dense(np.tanh(np_dense(h, p["pre_logits"])), p["head"])
+
+
+@pytest.fixture(scope="module")
+def drop_path_setup():
+    """The unrolled drop-path model in training: params, images, logits and masks."""
+    model = _drop_path_model(representation_size=8)
+    x = images((16, 16, 24, 3))
+    params = random_params(model, x.shape, seed=8)
+    return model, params, x, *_train_with_masks(model, params, x)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(scan=True), dict(scan=True, remat_policy="nothing_saveable")],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "unrolled",
+)
+def test_drop_path_matches_reference_with_the_drawn_masks(drop_path_setup, options):
+    """The logits are the reference forward pass with those masks, and the scanned encoder
+    (each layer's key a scanned input) draws the unrolled encoder's masks for the same rng."""
+    model, params, x, want_out, want_keep = drop_path_setup
+    variant = model.clone(**options)
+    variant_params = checkpoint.scan_params(params) if options.get("scan") else params
+    out, keep = _train_with_masks(variant, variant_params, x)
+    np.testing.assert_array_equal(keep, want_keep)
+    assert 0.1 < 1 - keep[1:].mean() < 0.7  # something was dropped, not everything
+    want = np_vit_dropped(to_numpy64(params), x, keep, DROP_PATH_RATES)
+    assert (
+        np.abs(want - np_vit_dropped(to_numpy64(params), x, np.ones_like(keep), [0] * 4)).max()
+        > 0.1
+    )
+    np.testing.assert_allclose(out, want, rtol=GOLDEN_RTOL, atol=GOLDEN_ATOL)
+    np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
+
+
+def test_drop_path_gradients_agree_scanned_and_rematerialised(drop_path_setup):
+    """Recomputation under remat replays the masks, so gradients match the unrolled model's."""
+    model, params, x, _, _ = drop_path_setup
+    variant = model.clone(scan=True, remat_policy="nothing_saveable")
+
+    def grads(m, p):
+        def loss(q):
+            out = m.apply({"params": q}, x, train=True, rngs={"dropout": rng_key(0)})
+            return jnp.sum(out**2)
+
+        return jax.jit(jax.grad(loss))(p)
+
+    want = flax.traverse_util.flatten_dict(grads(model, params), sep="/")
+    got = _unscanned(
+        flax.traverse_util.flatten_dict(grads(variant, checkpoint.scan_params(params)), sep="/")
+    )
+    assert np.abs(want["Transformer/encoderblock_3/LayerNorm_0/scale"]).max() > 1e-2
+    assert _relative_error(got, want) < 1e-5
+
+
+def test_drop_path_with_batch_chunks_draws_each_chunk_anew():
+    model = _drop_path_model(batch_chunks=2)
+    x = np.repeat(images((1, 8, 8, 3)), 32, axis=0)  # one image, 32 times
+    params = random_params(model, x.shape, seed=9)
+    train = jax.jit(functools.partial(model.apply, train=True))
+    out = np.asarray(train({"params": params}, x, rngs={"dropout": rng_key(0)}))
+    # A key shared by the chunks would give both halves the same masks, row for row.
+    assert np.abs(out[:16] - out[16:]).max() > 1e-3
+    assert len(np.unique(out.round(5), axis=0)) > 4
+    evaluated = logits(model, params, x)  # evaluation: every copy the same
+    np.testing.assert_allclose(evaluated, np.broadcast_to(evaluated[:1], out.shape), atol=1e-6)
+
+
+def test_head_hidden_and_features_param_trees():
+    base = {k: v for k, v in TESTING_TREE_32PX.items() if not k.startswith("head/")}
+    model = models.get_model("testing", num_classes=7, head_hidden_size=6)
+    params, out = abstract_init(model, (2, 32, 32, 3))
+    assert out.shape == (2, 7)
+    assert flat_shapes(params) == {
+        **base,
+        "head_hidden/kernel": (10, 6),
+        "head_hidden/bias": (6,),
+        "head/kernel": (6, 7),
+        "head/bias": (7,),
+    }
+    # Features widen the first head layer's input: pre_logits (4) + 3 features.
+    model = models.get_model("testing", num_classes=7, head_hidden_size=6, representation_size=4)
+    params, _ = abstract_init(model, (2, 32, 32, 3), features=jnp.zeros((2, 3)))
+    shapes = flat_shapes(params)
+    assert (shapes["pre_logits/kernel"], shapes["head_hidden/kernel"]) == ((10, 4), (7, 6))
+    params, _ = abstract_init(
+        models.get_model("testing", num_classes=7), (2, 32, 32, 3), features=jnp.zeros((2, 3))
+    )
+    assert flat_shapes(params) == {**base, "head/kernel": (13, 7), "head/bias": (7,)}
+    mixer_params, _ = abstract_init(
+        tiny_mixer(head_hidden_size=6), MIXER_IMAGE, features=jnp.zeros((2, 3))
+    )
+    mixer_shapes = flat_shapes(mixer_params)
+    assert {k: v for k, v in mixer_shapes.items() if k.startswith("head")} == {
+        "head_hidden/kernel": (16 + 3, 6),
+        "head_hidden/bias": (6,),
+        "head/kernel": (6, 5),
+        "head/bias": (5,),
+    }
+
+
+def np_gelu_erf(x):
+    return 0.5 * x * (1.0 + scipy.special.erf(x / np.sqrt(2.0)))
+
+
+def np_mlp_head(pooled, features, p, gelu=np_gelu_erf):
+    """[pooled ⊕ features] → head_hidden → GELU → head."""
+    x = np.concatenate([pooled, np.asarray(features, np.float64)], axis=1)
+    return np_dense(gelu(np_dense(x, p["head_hidden"])), p["head"])
+
+
+@pytest.mark.parametrize("family", ["vit", "mixer"])
+def test_head_hidden_with_features_golden(family):
+    if family == "vit":
+        model, shape = tiny_vit(representation_size=8, head_hidden_size=6), VIT_IMAGE
+        features_of = functools.partial(
+            np_vit,
+            heads=3,
+            num_layers=2,
+            classifier="token",
+            representation_size=8,
+            num_classes=0,
+        )
+    else:
+        model, shape = tiny_mixer(head_hidden_size=6), MIXER_IMAGE
+        features_of = functools.partial(np_mixer, num_blocks=2, num_classes=0)
+    x = images(shape)
+    extra = 2.0 * np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    params = randomize(abstract_init(model, shape, features=extra)[0], seed=10)
+    # Pre-activations of a few units, where the two GELUs differ most, and a head that shows it.
+    params["head_hidden"]["kernel"] *= 3.0
+    params["head"]["kernel"] *= 10.0
+    got = np.asarray(jitted_apply(model)({"params": params}, x, features=extra))
+    p64 = to_numpy64(params)
+    pooled = features_of(p64, x)
+    want = np_mlp_head(pooled, extra, p64)
+    assert got.shape == (2, 5) and np.abs(want).max() > 1.0
+    np.testing.assert_allclose(got, want, rtol=GOLDEN_RTOL, atol=GOLDEN_ATOL)
+    # The GELU is the exact (erf) one: the tanh approximation is measurably off here.
+    assert np.abs(np_mlp_head(pooled, extra, p64, np_gelu_tanh) - want).max() > 100 * GOLDEN_ATOL
+    # Without a head the model returns the pooled features with the extra ones after them.
+    no_head = {k: v for k, v in params.items() if not k.startswith("head")}
+    out = jitted_apply(model.clone(num_classes=0))({"params": no_head}, x, features=extra)
+    np.testing.assert_allclose(out, np.concatenate([pooled, extra], 1), rtol=1e-5, atol=1e-5)
+
+
+def test_head_hidden_initial_values():
+    model = models.get_model("testing", num_classes=3, head_hidden_size=256, head_bias_init=-2.0)
+    params = init_params(model, (1, 32, 32, 3))
+    kernel = np.asarray(params["head_hidden"]["kernel"])  # lecun normal, fan_in 10
+    assert kernel.shape == (10, 256)
+    assert 0.93 < kernel.std() * math.sqrt(10) < 1.07  # 2560 draws (truncated normal)
+    np.testing.assert_array_equal(params["head_hidden"]["bias"], 0.0)
+    np.testing.assert_array_equal(params["head"]["kernel"], 0.0)
+    np.testing.assert_array_equal(params["head"]["bias"], -2.0)
+    # The zero head kernel makes every initial prediction the bias.
+    np.testing.assert_array_equal(logits(model, params, images((2, 32, 32, 3))), -2.0)
+
+
+@pytest.mark.parametrize("size", [-1, 2.5, True, "128"])
+@pytest.mark.parametrize("make_model", [tiny_vit, tiny_mixer])
+def test_head_hidden_size_is_validated(make_model, size):
+    shape = VIT_IMAGE if make_model is tiny_vit else MIXER_IMAGE
+    with pytest.raises(ValueError, match="head_hidden_size must be a positive integer") as info:
+        abstract_init(make_model(head_hidden_size=size), shape)
+    assert repr(size) in str(info.value)
+
+
+@pytest.mark.parametrize("make_model", [tiny_vit, tiny_mixer])
+def test_features_must_match_the_images(make_model):
+    shape = VIT_IMAGE if make_model is tiny_vit else MIXER_IMAGE
+    with pytest.raises(ValueError, match="batch sizes") as info:
+        abstract_init(make_model(), shape, features=jnp.zeros((3, 4)))
+    assert "(3, 4)" in str(info.value) and str(shape) in str(info.value)
+    with pytest.raises(ValueError, match=r"\[batch, F\].*\(2,\)"):
+        abstract_init(make_model(), shape, features=jnp.zeros((2,)))
+
+
+def test_features_need_a_pooled_classifier():
+    with pytest.raises(ValueError, match="classifier='unpooled'"):
+        abstract_init(tiny_vit(classifier="unpooled"), VIT_IMAGE, features=jnp.zeros((2, 3)))
+
+
+def test_zoo_takes_the_recipe_options_as_options():
+    model = models.get_model("ViT-B_16", num_classes=1, drop_path_rate=0.1, head_hidden_size=128)
+    assert (model.drop_path_rate, model.head_hidden_size) == (0.1, 128)
+    params, out = abstract_init(model, (1, 224, 224, 3))
+    base = EXPECTED_PARAM_COUNTS["ViT-B_16"] - 769 * 1000
+    assert param_count(params) == base + 769 * 128 + 129 * 1 and out.shape == (1, 1)
+    # Options, not architecture: a config named after the zoo model may set them.
+    config = models.get_config("ViT-B_16")
+    config.drop_path_rate, config.head_hidden_size = 0.1, 128
+    models.check_model_config(config)
+    mixer = models.get_model("Mixer-B_16", num_classes=1, head_hidden_size=128)
+    assert mixer.head_hidden_size == 128
+    with pytest.raises(ValueError, match="drop_path_rate") as info:  # a ViT-only option
+        models.get_model("Mixer-B_16", num_classes=1, drop_path_rate=0.1)
+    assert "head_hidden_size" in str(info.value)  # listed among the valid ones

@@ -7,7 +7,8 @@ encoder layouts, and `load_pretrained`, which adapts a pretrained tree to a new 
 own training checkpoints (optimizer state, resume), which live with the training loop.
 
 Every function here is strict: a mismatch fails with the full list of what differs unless it is
-one that fine-tuning changes on purpose (head, pre_logits, class token, position table).
+one that fine-tuning changes on purpose (head, head_hidden, pre_logits, class token, position
+table).
 """
 
 from __future__ import annotations
@@ -485,15 +486,16 @@ def load_pretrained(
 ) -> Params:
     """Loads pretrained params for fine-tuning a model whose fresh params are `init_params`.
 
-    Changes made on purpose (each logged): `head` comes from `init_params` (new class count,
-    fresh init); `pre_logits` is dropped when the new model has no representation layer, or
-    taken from `init_params` when only the new model has one; the class token follows the new
-    model; the position table is resampled to the new length (see `interpolate_posembed`).
-    Anything else that differs (missing, extra or mis-shaped keys) fails with one error listing
-    all of it. The pretrained file may be in either numbering and either encoder layout; the
-    result has the layout of `init_params`. `model_config` is accepted for compatibility with the
-    original signature and used only in messages; the new model's structure is read from
-    `init_params`.
+    Changes made on purpose (each logged): `head` and `head_hidden` (the optional hidden layer
+    before it) come from `init_params` (new class count, fresh init), whether or not the file
+    has them, and are dropped when the new model has none; `pre_logits` is dropped when the
+    new model has no representation layer, or taken from `init_params` when only the new model
+    has one; the class token follows the new model; the position table is resampled to the
+    new length (see `interpolate_posembed`). Anything else that differs (missing, extra or
+    mis-shaped keys) fails with one error listing all of it. The pretrained file may be in
+    either numbering and either encoder layout; the result has the layout of `init_params`.
+    `model_config` is accepted for compatibility with the original signature and used only in
+    messages; the new model's structure is read from `init_params`.
     """
     restored = load(pretrained_path)
     restored = adapt_for_finetuning(
@@ -505,6 +507,10 @@ def load_pretrained(
     name = (model_config or {}).get("model_name") or "the model"
     logging.info("load_pretrained: %s loaded for %s", os.fspath(pretrained_path), name)
     return restored
+
+
+# The head's layers, which fine-tuning always re-initialises (a new task's outputs).
+FRESH_HEAD_KEYS = ("head", "head_hidden")
 
 
 def adapt_for_finetuning(
@@ -521,15 +527,21 @@ def adapt_for_finetuning(
     params = _as_plain_dict(restored)
     params = unscan_params(params) if is_scanned(params) else params
 
-    for key in ("head", "pre_logits", "cls"):
+    for key in FRESH_HEAD_KEYS:
+        if key in expected:
+            had = "replaces the checkpoint's" if key in params else "not in the checkpoint"
+            logging.info("load_pretrained: %s from init_params (fresh init; %s)", key, had)
+            params[key] = expected[key]
+        elif key in params:
+            logging.info("load_pretrained: %s dropped (the new model has none)", key)
+            del params[key]
+    for key in ("pre_logits", "cls"):
         if key in expected and key not in params:
             logging.info("load_pretrained: %s not in the checkpoint, fresh init kept", key)
             params[key] = expected[key]
         elif key not in expected and key in params:
             logging.info("load_pretrained: %s dropped (the new model has none)", key)
             del params[key]
-    if "head" in expected:
-        params["head"] = expected["head"]
 
     posemb_path = ("Transformer", "posembed_input", "pos_embedding")
     old = _get_path(params, posemb_path)

@@ -103,8 +103,8 @@ def _mixer_config(name: str, row: tuple) -> ml_collections.ConfigDict:
 
 
 # The fields that fix a zoo model's architecture; a config named after a zoo model must have the
-# zoo's values for them. The rest (dropout, representation_size, head_bias_init, num_classes)
-# are options a recipe sets.
+# zoo's values for them. The rest (dropout, representation_size, head_bias_init, num_classes,
+# head_hidden_size, drop_path_rate and the speed options) are options a recipe sets.
 ARCHITECTURE_FIELDS = (
     "patches.size",
     "hidden_size",

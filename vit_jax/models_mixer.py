@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_jax import model_heads
 from vit_jax.models_vit import IdentityLayer, _field, check_image_size, check_num_classes
 
 
@@ -42,7 +43,12 @@ class MixerBlock(nn.Module):
 
 
 class MlpMixer(nn.Module):
-    """MLP-Mixer with the original's constructor; `train` is accepted for a uniform call."""
+    """MLP-Mixer with the original's constructor; `train` is accepted for a uniform call.
+
+    `head_hidden_size` and the `features` argument are the ViT's (`vit_jax.model_heads`): a
+    hidden layer before the head, and [batch, F] extra inputs concatenated to the pooled
+    features. Both are off by default, which leaves the released parameter tree.
+    """
 
     patches: Any
     num_classes: int | None
@@ -52,12 +58,17 @@ class MlpMixer(nn.Module):
     channels_mlp_dim: int
     model_name: str | None = None
     dtype: Any = jnp.float32
+    head_hidden_size: int | None = None
 
     @nn.compact
-    def __call__(self, inputs: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(
+        self, inputs: jax.Array, *, train: bool, features: jax.Array | None = None
+    ) -> jax.Array:
         del train  # Mixer has no dropout.
         patch_size = tuple(_field(self.patches, "size"))
         check_num_classes(self.num_classes)
+        model_heads.check_head_hidden_size(self.head_hidden_size)
+        model_heads.check_features(features, inputs.shape)
         check_image_size(inputs.shape[1:3], patch_size, 1, self.model_name)
         x = nn.Conv(self.hidden_dim, patch_size, strides=patch_size, dtype=self.dtype, name="stem")(
             inputs.astype(self.dtype)
@@ -69,11 +80,11 @@ class MlpMixer(nn.Module):
         x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="pre_head_layer_norm")(x)
         x = jnp.mean(x, axis=1)
         x = IdentityLayer(name="pre_logits")(x)  # no params; names the features like the ViT
-        if self.num_classes:
-            x = nn.Dense(
-                self.num_classes,
-                dtype=self.dtype,
-                kernel_init=nn.initializers.zeros,
-                name="head",
-            )(x)
+        x = model_heads.head(
+            x,
+            features,
+            num_classes=self.num_classes,
+            hidden_size=self.head_hidden_size,
+            dtype=self.dtype,
+        )
         return x.astype(jnp.float32)

@@ -5,14 +5,17 @@ sizes (see `vit_jax.models`) or the checkpoint format (see `vit_jax.checkpoint`)
 
 The parameter tree is the original's, name for name and shape for shape. The options the
 original lacks (`dtype`, `matmul_dtype`, `attention_impl`, `remat_policy`, `scan`,
-`batch_chunks`) never change the parameter tree, except that `scan=True` stacks the encoder
-blocks under one `encoderblock` entry (`vit_jax.checkpoint.scan_params` / `unscan_params`
-convert between the layouts).
+`batch_chunks`, `drop_path_rate`) never change the parameter tree, except that `scan=True`
+stacks the encoder blocks under one `encoderblock` entry (`vit_jax.checkpoint.scan_params` /
+`unscan_params` convert between the layouts). The head options (`head_hidden_size`, the
+`features` argument; `vit_jax.model_heads`) add or widen head parameters only when used.
 
 Named intermediates: apply with `mutable=['intermediates']` to get the encoder's per-token
 output (`encoded`), the pooled `pre_logits` (at `pre_logits/__call__`) and, with
 `attention_impl='flax'`, every block's attention weights
-(`.../MultiHeadDotProductAttention_0/attention_weights`), without new flags.
+(`.../MultiHeadDotProductAttention_0/attention_weights`), and, in training with
+`drop_path_rate` > 0, every block's drop-path keep masks (`.../drop_path_keep`), without new
+flags.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vit_jax import models_resnet
+from vit_jax import model_heads, models_resnet, stochastic_depth
 
 CLASSIFIERS = ("token", "gap", "unpooled", "token_unpooled")
 # 'flax' is the original's attention (flax.linen.dot_product_attention); the others call
@@ -73,8 +76,10 @@ def validate_options(
     remat_policy: str | None = None,
     batch_chunks: int = 1,
     matmul_dtype: Any = None,
+    drop_path_rate: float = 0.0,
 ) -> None:
     """Raises ValueError listing the valid values when an option is unknown or out of range."""
+    stochastic_depth.check_drop_path_rate(drop_path_rate)
     _validate_choice("classifier", classifier, CLASSIFIERS)
     if matmul_dtype is not None and _float_dtype(matmul_dtype) is None:
         raise ValueError(
@@ -284,6 +289,9 @@ class Encoder1DBlock(nn.Module):
 
     `deterministic` is positional so that `nn.remat` can treat it as static. With
     `scanned=True` the block returns `(x, None)`, the carry/output pair `nn.scan` needs.
+    `drop_path`, this layer's (rate, key) from `stochastic_depth.layer_drops`, drops each
+    residual branch per sample (training only; the encoder passes None otherwise); the keep
+    masks are sown as intermediates `drop_path_keep`, shape (2, batch): attention, MLP.
     """
 
     mlp_dim: int
@@ -296,7 +304,12 @@ class Encoder1DBlock(nn.Module):
     scanned: bool = False
 
     @nn.compact
-    def __call__(self, inputs: jax.Array, deterministic: bool):
+    def __call__(
+        self,
+        inputs: jax.Array,
+        deterministic: bool,
+        drop_path: stochastic_depth.LayerDrops | None = None,
+    ):
         dot_general = None
         if self.matmul_dtype is not None:
             dot_general = rounded_dot_general(self.matmul_dtype)
@@ -326,6 +339,10 @@ class Encoder1DBlock(nn.Module):
             and self.is_mutable_collection("intermediates"),
         )
         x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+        if drop_path is not None:
+            rate, key = drop_path
+            attention_key, mlp_key = jax.random.split(key)
+            x, keep_attention = stochastic_depth.drop_path(x, rate, attention_key)
         x = x + inputs
 
         y = nn.LayerNorm(epsilon=LAYERNORM_EPSILON, dtype=self.dtype)(x)
@@ -335,6 +352,9 @@ class Encoder1DBlock(nn.Module):
             dropout_rate=self.dropout_rate,
             dot_general=dot_general,
         )(y, deterministic=deterministic)
+        if drop_path is not None:
+            y, keep_mlp = stochastic_depth.drop_path(y, rate, mlp_key)
+            self.sow("intermediates", "drop_path_keep", jnp.stack([keep_attention, keep_mlp]))
         out = x + y
         return (out, None) if self.scanned else out
 
@@ -347,6 +367,10 @@ class Encoder(nn.Module):
 
     With `batch_chunks` > 1 the whole encoder runs once per equal slice of the batch (same
     parameters, results concatenated): see `VisionTransformer.batch_chunks`.
+
+    With `drop_path_rate` > 0 and `train`, each pass (each slice) takes one 'dropout' key and
+    splits it into one key per layer, passed to the blocks with their rates (a scanned input
+    under `scan`), so the scanned and unrolled encoders drop the same samples.
     """
 
     num_layers: int
@@ -361,6 +385,7 @@ class Encoder(nn.Module):
     scan: bool = False
     batch_chunks: int = 1
     matmul_dtype: Any = None
+    drop_path_rate: float = 0.0
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         chunks = math.gcd(self.batch_chunks, x.shape[0])
@@ -390,18 +415,27 @@ class Encoder(nn.Module):
             attention_impl=self.attention_impl,
             matmul_dtype=self.matmul_dtype,
         )
+        drops = None
+        if train and self.drop_path_rate > 0:
+            key = self.make_rng("dropout")
+            drops = stochastic_depth.layer_drops(key, self.drop_path_rate, self.num_layers)
+        # The per-layer (rate, key) pairs, when present, are the blocks' third argument.
+        extra = () if drops is None else (drops,)
         if self.scan:
             scanned_cls = nn.scan(
                 block_cls,
                 variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=nn.broadcast,
+                in_axes=nn.broadcast if drops is None else (nn.broadcast, 0),
                 length=self.num_layers,
             )
-            x, _ = scanned_cls(name="encoderblock", scanned=True, **block_kwargs)(x, not train)
+            block = scanned_cls(name="encoderblock", scanned=True, **block_kwargs)
+            x, _ = block(x, not train, *extra)
         else:
             for layer in range(self.num_layers):
-                x = block_cls(name=f"encoderblock_{layer}", **block_kwargs)(x, not train)
+                layer_extra = jax.tree_util.tree_map(lambda a, i=layer: a[i], extra)
+                block = block_cls(name=f"encoderblock_{layer}", **block_kwargs)
+                x = block(x, not train, *layer_extra)
         return nn.LayerNorm(epsilon=LAYERNORM_EPSILON, dtype=self.dtype, name="encoder_norm")(x)
 
 
@@ -440,6 +474,14 @@ class VisionTransformer(nn.Module):
         softmax and GELU stay in `dtype`. With dtype float32 this is bf16 mixed precision for
         CPUs that multiply bf16 fast (AVX512-BF16, AMX) but run bf16 elementwise code slowly:
         on such a CPU the projections, MLP and their input gradients become bf16 multiplies.
+      drop_path_rate: stochastic depth (`vit_jax.stochastic_depth`), a float in [0, 1): in
+        training, block i of L drops each residual branch per sample with rate
+        drop_path_rate·i/(L-1), using the 'dropout' rng. 0 (the default) is off.
+      head_hidden_size: 0 / None (the default): the single Dense `head`; an int: Dense
+        `head_hidden` of that width and exact GELU before the head (`vit_jax.model_heads`).
+
+    `__call__(inputs, *, train, features=None)`: `features`, [batch, F], are concatenated to
+    the pooled `pre_logits` output before the head (pooled classifiers only).
     """
 
     num_classes: int | None
@@ -458,21 +500,28 @@ class VisionTransformer(nn.Module):
     scan: bool = False
     batch_chunks: int = 1
     matmul_dtype: Any = None
+    drop_path_rate: float = 0.0
+    head_hidden_size: int | None = None
 
     @property
     def patch_size(self) -> tuple[int, int]:
         return tuple(_field(self.patches, "size"))
 
     @nn.compact
-    def __call__(self, inputs: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(
+        self, inputs: jax.Array, *, train: bool, features: jax.Array | None = None
+    ) -> jax.Array:
         validate_options(
             classifier=self.classifier,
             attention_impl=self.attention_impl,
             remat_policy=self.remat_policy,
             batch_chunks=self.batch_chunks,
             matmul_dtype=self.matmul_dtype,
+            drop_path_rate=self.drop_path_rate,
         )
         check_num_classes(self.num_classes)
+        model_heads.check_head_hidden_size(self.head_hidden_size)
+        model_heads.check_features(features, inputs.shape, self.classifier)
         check_image_size(
             inputs.shape[1:3], self.patch_size, stem_stride(self.resnet), self.model_name
         )
@@ -515,6 +564,7 @@ class VisionTransformer(nn.Module):
             scan=self.scan,
             batch_chunks=self.batch_chunks,
             matmul_dtype=self.matmul_dtype,
+            drop_path_rate=self.drop_path_rate,
         )(x, train=train)
         self.sow("intermediates", "encoded", x)
 
@@ -528,14 +578,14 @@ class VisionTransformer(nn.Module):
         else:
             x = IdentityLayer(name="pre_logits")(x)
 
-        if self.num_classes:
-            x = nn.Dense(
-                features=self.num_classes,
-                dtype=self.dtype,
-                kernel_init=nn.initializers.zeros,
-                bias_init=nn.initializers.constant(self.head_bias_init),
-                name="head",
-            )(x)
+        x = model_heads.head(
+            x,
+            features,
+            num_classes=self.num_classes,
+            hidden_size=self.head_hidden_size,
+            bias_init=self.head_bias_init,
+            dtype=self.dtype,
+        )
         return x.astype(jnp.float32)
 
 
