@@ -7,7 +7,7 @@ another, so their ratios are comparable on a noisy machine; every time is the me
 `--repeats` timed runs after warm-up, the variants of a model timed in turns.
 
 Columns:
-  train img/s    the real pmap'd training step (`train.train_step`: loss, grads, pmean, SGD with
+  train img/s    the real pmap'd training step (`steps.train_step`: loss, grads, pmean, SGD with
                  momentum and clipping) over all local devices, global batch `--batch`;
   train × q1–q3  the quartiles of the round-by-round speed-up over the reference (see below);
   infer img/s    jit'd `model.apply(train=False)` on one device, batch `--batch`;
@@ -54,7 +54,8 @@ from flax.training import train_state
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from vit_jax import input_pipeline, models, optim, train  # noqa: E402
+from configs import common  # noqa: E402
+from vit_jax import input_pipeline, models, optim, steps, tasks  # noqa: E402
 
 # Model options per variant; every variant keeps the parameter tree and fp32 parameters.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -117,10 +118,17 @@ def train_step_fn(model):
         base_lr=0.03, total_steps=10_000, warmup_steps=500, decay_type="cosine", linear_end=0.0
     )
     tx = optim.make_optimizer("sgd", schedule, grad_clip_norm=1.0, momentum=0.9)
-    step = functools.partial(
-        train.train_step, schedule=schedule, loss_name="softmax_xent", accum_steps=1
-    )
+    task = tasks.make_task(common.get_config(), _ClassesOnly(NUM_CLASSES))
+    step = functools.partial(steps.train_step, task=task, schedule=schedule, accum_steps=1)
     return jax.pmap(step, axis_name="batch", donate_argnums=(0,)), tx
+
+
+@dataclasses.dataclass(frozen=True)
+class _ClassesOnly:
+    """The dataset info a classification task needs: the class count."""
+
+    num_classes: int
+    class_names: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass
@@ -142,10 +150,10 @@ def prepare(name: str, resolution: int, variant: str, batch: int) -> Prepared:
     params = jax.jit(lambda r: model.init(r, images, train=False)["params"])(jax.random.PRNGKey(0))
     p_step, tx = train_step_fn(model)
     # Laid out as the step's outputs are, so the compiled step is fed its own layout each round.
-    state = train.replicate(
+    state = steps.replicate(
         train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
     )
-    rng = train.replicate(jax.random.PRNGKey(1))
+    rng = steps.replicate(jax.random.PRNGKey(1))
     x = np.random.default_rng(0).uniform(-1, 1, (devices, per_device, resolution, resolution, 3))
     labels = np.eye(NUM_CLASSES, dtype=np.float32)[np.arange(batch) % NUM_CLASSES]
     train_batch = {

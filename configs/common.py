@@ -28,7 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
     """
     c = ml_collections.ConfigDict()
     # Data.
-    c.dataset = "sklearn_digits"  # tfds name, 'folder:/path', or the embedded 'sklearn_digits'
+    # A tfds name, 'folder:/path', 'csv:/path/train.csv' or the embedded 'sklearn_digits'.
+    c.dataset = "sklearn_digits"
     c.train_split = "train"  # split to train on (tfds slicing allowed: 'train[:98%]')
     c.test_split = "test"  # split to evaluate on; every example is counted once
     c.data_dir = ""  # tfds data_dir ('' = tfds default)
@@ -36,6 +37,18 @@ def get_config() -> ml_collections.ConfigDict:
     c.image_size = 32  # train and eval resolution (pixels, square)
     c.eval_crop = "resize"  # 'resize' (the original) or 'resize_small_crop'
     c.shuffle_buffer = 50_000  # tfds shuffle buffer (the original's; others: whole epochs)
+    # A 'csv:' dataset: images named by an id column, real-valued targets (task='regression').
+    c.csv = ml_collections.ConfigDict()
+    c.csv.id_column = "Id"  # image file = <image_dir>/<id><image_ext>
+    c.csv.target_columns = ("Pawpularity",)  # the regression targets
+    c.csv.feature_columns = ()  # numeric columns fed to the head with the image features
+    c.csv.image_dir = ""  # '' = beside the CSV, named as it: <root>/train.csv → <root>/train/
+    c.csv.image_ext = ".jpg"
+    c.csv.num_folds = 5  # K-fold cross-validation, stratified over target bins (0 = no folds)
+    c.csv.fold = 0  # the fold held out as the 'validation' split
+    c.csv.holdout_fraction = 0.0  # with num_folds=0: a seeded held-out fraction instead
+    c.csv.stratify_bins = 10  # quantile bins of the first target the folds are stratified over
+    c.csv.split_seed = 0
     # Model: zoo name plus constructor overrides (num_classes comes from the dataset).
     c.model = model_config("testing")  # constructor arguments of the zoo model
     # Speed and memory: same parameters (params.npz is always the released layout) and the same
@@ -46,6 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.remat_policy = ""  # '' (none) or a jax.checkpoint_policies name, e.g. 'nothing_saveable'
     c.scan_layers = False  # nn.scan over the encoder blocks: one compiled block, faster compile
     c.batch_chunks = 1  # encoder run per slice of each device's batch: 2 is faster on XLA:CPU
+    c.drop_path_rate = 0.0  # stochastic depth of the last ViT block (linear over depth; 0 = off)
+    c.head_hidden_size = 0  # 0: the original's linear head; n: Dense(n) → GELU → Dense head
     # Optimisation.
     c.batch_size = 512  # global batch over all devices and processes
     c.accum_steps = 1  # micro-batches per device batch; their gradients are averaged
@@ -61,15 +76,21 @@ def get_config() -> ml_collections.ConfigDict:
     c.adam_b2 = 0.999  # Adam/AdamW beta2
     c.optim_dtype = "float32"  # dtype of SGD momentum / Adam first moment: float32 or bfloat16
     c.weight_decay = 0.0  # decoupled weight decay, adamw only, kernels only
-    c.loss = "softmax_xent"  # 'softmax_xent' or 'sigmoid_xent' (multi-hot capable)
+    # Objective: the task decides targets, head, loss and metrics (vit_jax.tasks).
+    c.task = "classification"  # 'classification' or 'regression'
+    # Classification: 'softmax_xent', 'sigmoid_xent' (multi-hot); regression: 'mse', 'sigmoid_bce'.
+    c.loss = "softmax_xent"
     c.label_smoothing = 0.0  # mass moved uniformly over all classes (softmax_xent only)
     c.mixup_alpha = 0.0  # mixup Beta(alpha, alpha) mixing of images and labels (0 = off)
+    c.regression = ml_collections.ConfigDict()
+    c.regression.target_range = ()  # sigmoid_bce: (low, high) mapped to [0, 1]; () = the data's
     c.seed = 0  # init, dropout and data-order seed
     # Schedule of side work (in steps; 0 = only at the end).
     c.eval_every = 0  # evaluate on test_split every this many steps, and at the end
     c.log_every = 50  # log train loss / lr / grad norm every this many steps
     c.checkpoint_every = 1000  # save a resumable checkpoint every this many steps (and at the end)
     c.keep_checkpoints = 2  # resumable checkpoints kept in <workdir>/checkpoints
+    c.keep_best = False  # also keep the best evaluation's params (best_params.npz, best.json)
     # Fine-tuning.
     c.pretrained = ""  # released-format .npz, or a workdir holding params.npz ('' = from scratch)
     c.lock()

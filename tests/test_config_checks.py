@@ -14,7 +14,7 @@ import pytest
 
 from configs import common, finetune
 from configs import default as default_config
-from vit_jax import models, models_vit, train
+from vit_jax import models, models_vit, run_config, train
 
 
 def _finetune_phase() -> ml_collections.ConfigDict:
@@ -23,10 +23,10 @@ def _finetune_phase() -> ml_collections.ConfigDict:
 
 def test_a_model_name_that_disagrees_with_the_fields_is_an_error():
     config = _finetune_phase()  # the tiny model, named 'testing'
-    train.validate_config(config, 8, 8)
+    run_config.validate_config(config, 8, 8)
     config.model.model_name = "ViT-B_16"  # --config.finetune.model.model_name=ViT-B_16
     with pytest.raises(ValueError) as error:
-        train.validate_config(config, 8, 8)
+        run_config.validate_config(config, 8, 8)
     message = str(error.value)
     assert "model_name='ViT-B_16', but the model's fields are not ViT-B_16's" in message
     assert "hidden_size 64 (ViT-B_16: 768)" in message
@@ -60,7 +60,7 @@ def test_a_learning_rate_that_is_not_finite_and_positive_is_an_error(value):
     config = _finetune_phase()
     config.base_lr = value
     with pytest.raises(ValueError, match=f"base_lr must be ≥ 0 and finite .*got {value}"):
-        train.validate_config(config, 8, 8)
+        run_config.validate_config(config, 8, 8)
 
 
 def test_a_workdir_that_is_a_file_is_an_error_naming_it(tmp_path):
@@ -88,6 +88,6 @@ def test_attention_dropout_has_one_default_that_validation_sees():
     default = models_vit.TRANSFORMER_DEFAULTS["attention_dropout_rate"]
     assert default == 0.1  # the original Encoder's default, which the model applies
     with pytest.raises(ValueError, match=r"attention_dropout_rate=0.1; set it to 0"):
-        train.validate_config(config, 8, 8)
+        run_config.validate_config(config, 8, 8)
     config.model.transformer.attention_dropout_rate = 0.0
-    train.validate_config(config, 8, 8)
+    run_config.validate_config(config, 8, 8)

@@ -14,7 +14,7 @@ import pytest
 
 from configs import common, finetune, pretrain
 from configs import default as default_config
-from vit_jax import checkpoint, models, predict, train
+from vit_jax import checkpoint, models, predict, run_config, train
 
 POOLING = ("token", "gap")  # classifiers a recipe can train (unpooled models return tokens)
 
@@ -81,7 +81,7 @@ def test_a_bad_later_phase_fails_before_the_first_phase_trains(tmp_path):
 @pytest.mark.parametrize("name", POOLED)
 def test_pretrain_recipe_builds_and_validates_for_every_model(name):
     config = pretrain.get_config(name)
-    train.validate_config(config, 8, 8)  # 224 px tiles into every model's patches
+    run_config.validate_config(config, 8, 8)  # 224 px tiles into every model's patches
     assert config.model.model_name == name
     assert (config.image_size, config.batch_size) == (224, 4096)
     assert (config.optimizer, config.adam_b1, config.adam_b2) == ("adamw", 0.9, 0.999)
@@ -102,7 +102,7 @@ def test_pretrain_recipe_builds_and_validates_for_every_model(name):
 
 def test_pretrain_defaults_to_vit_b16_and_its_model_gets_the_recipe_options():
     assert pretrain.get_config().model.model_name == "ViT-B_16"
-    model = train.make_model(pretrain.get_config("ViT-B_16"), num_classes=21_843)
+    model = run_config.make_model(pretrain.get_config("ViT-B_16"), num_classes=21_843)
     assert (model.head_bias_init, model.representation_size) == (-10.0, 768)
     assert model.transformer["dropout_rate"] == 0.1  # the trained bias: tests/test_e2e.py
 
@@ -111,7 +111,7 @@ def test_pretrain_defaults_to_vit_b16_and_its_model_gets_the_recipe_options():
 @pytest.mark.parametrize("name", ["ViT-B_16", "R50+ViT-B_16", "Mixer-B_16", "ViT-L_16"])
 def test_finetune_recipe_for_every_preset(name, dataset):
     config = finetune.get_config(f"{name},{dataset}")
-    train.validate_config(config, 8, 8)
+    run_config.validate_config(config, 8, 8)
     assert (config.dataset, config.model.model_name) == (dataset, name)
     train_split, test_split, steps, warmup = RECIPE_STEPS[dataset]
     assert (config.train_split, config.test_split) == (train_split, test_split)
@@ -129,7 +129,7 @@ def test_finetune_recipe_for_every_preset(name, dataset):
 @pytest.mark.parametrize("name", POOLED)
 def test_finetune_image_size_tiles_for_every_model(name):
     config = finetune.get_config(f"{name},imagenet2012")
-    train.validate_config(config, 8, 8)
+    run_config.validate_config(config, 8, 8)
     expected = 392 if name == "ViT-H_14" else 224 if name.startswith("Mixer") else 384
     assert config.image_size == expected  # 28 × 14 = 392 is the first multiple of 14 ≥ 384
 
@@ -212,8 +212,8 @@ def test_mixer_preset_loads_a_released_format_mixer_file(tmp_path):
     path, released = _released_mixer_file(tmp_path, 224)  # the released files' resolution
     config = _small_mixer_preset()
     config.pretrained = str(path)
-    model = train.make_model(config, num_classes=10)
-    state = train.create_state(config, model, train.make_schedule(config))
+    model = run_config.make_model(config, num_classes=10)
+    state = train.create_state(config, model, run_config.make_schedule(config))
     token_kernel = ("MixerBlock_0", "token_mixing", "Dense_0", "kernel")
     loaded, want = state.params, released
     for part in token_kernel:
@@ -226,9 +226,9 @@ def test_a_mixer_file_of_another_token_count_names_the_resolution_it_needs(tmp_p
     path, _ = _released_mixer_file(tmp_path, 224)
     config = _small_mixer_preset(image_size=384)  # 576 tokens, the file has 196
     config.pretrained = str(path)
-    model = train.make_model(config, num_classes=10)
+    model = run_config.make_model(config, num_classes=10)
     with pytest.raises(checkpoint.CheckpointError, match=r"196 tokens.*576.*image_size=224"):
-        train.create_state(config, model, train.make_schedule(config))
+        train.create_state(config, model, run_config.make_schedule(config))
 
 
 def test_a_multi_phase_workdir_as_pretrained_resolves_to_its_last_phase(tmp_path):

@@ -183,17 +183,11 @@ def test_multi_hot_labels():
         ip._encode_label(tf.constant([1, 3], tf.int64), 5, multi_hot=False)
 
 
-def test_targets_kinds_and_the_deprecated_multi_hot():
-    """targets='one_hot' is the default; multi_hot= (train.py still passes it) maps onto targets."""
+def test_targets_kinds():
+    """targets='one_hot' is the default; a single-label source reads alike as multi_hot."""
     one_hot = next(_train())
-    with pytest.warns(DeprecationWarning, match="targets='multi_hot'"):
-        legacy = next(_train(multi_hot=False))
-    np.testing.assert_array_equal(legacy["label"], one_hot["label"])
-    with pytest.warns(DeprecationWarning):
-        multi = next(iter(_eval(global_batch_size=8, multi_hot=True)))
+    multi = next(iter(_eval(global_batch_size=8, targets="multi_hot")))
     np.testing.assert_array_equal(multi["label"], next(iter(_eval(global_batch_size=8)))["label"])
-    with pytest.raises(ValueError, match="not both"), pytest.warns(DeprecationWarning):
-        _train(targets="value", multi_hot=True)
     with pytest.raises(ValueError, match="Unknown targets 'onehot'; valid values: one_hot, multi"):
         _eval(targets="onehot")
     value = next(_train(targets="value"))  # the class name's value: the digit

@@ -17,7 +17,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from vit_jax import attention, predict, train
+from vit_jax import attention, predict, run_config
 
 with warnings.catch_warnings():  # ml_collections loads the default config with load_module()
     warnings.filterwarnings("ignore", "the load_module", DeprecationWarning)
@@ -65,7 +65,7 @@ def test_readme_training_commands_parse_and_validate(monkeypatch, args):
     config = flag_values.config
     phases = [config[name] for name in config.phases] if "phases" in config else [config]
     for phase in phases:
-        train.validate_config(phase, 8, 8)
+        run_config.validate_config(phase, 8, 8)
     assert flag_values.workdir
 
 

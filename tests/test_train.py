@@ -1,4 +1,5 @@
-"""Tests for vit_jax/train.py and vit_jax/main.py on 8 fake CPU devices (see conftest.py)."""
+"""Tests for the training loop (vit_jax/train.py, steps.py, run_config.py, run_log.py) and the
+classification task, on 8 fake CPU devices (see conftest.py)."""
 
 import functools
 import glob
@@ -15,9 +16,18 @@ from flax import jax_utils
 
 from configs import common
 from configs import default as default_config
-from vit_jax import checkpoint, train
+from vit_jax import checkpoint, run_config, run_log, steps, train
+from vit_jax.tasks import classification
 
 DIGITS_TEST = 360  # examples in the embedded digits test split
+
+
+_TEN_CLASSES = types.SimpleNamespace(num_classes=10, class_names=None)  # a DatasetInfo's fields
+
+
+def _classification(**overrides):
+    """The classification task of the common config (softmax cross-entropy), 10 classes."""
+    return classification.Classification(tiny_config(**overrides), _TEN_CLASSES)
 
 
 def train_scalars(workdir) -> dict[str, dict[int, float]]:
@@ -90,13 +100,13 @@ def test_a_run_traces_its_train_and_eval_steps_once(tmp_path, monkeypatch):
     """Steps fed their own outputs (and the final eval fed the host state) compile once."""
     traces = {"train_step": 0, "eval_step": 0}
     for name in traces:
-        original = getattr(train, name)
+        original = getattr(steps, name)
 
         def counted(*args, _name=name, _original=original, **kwargs):
             traces[_name] += 1  # runs when jax traces the step, not per call
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(train, name, counted)
+        monkeypatch.setattr(steps, name, counted)
     train.train_and_evaluate(tiny_config(eval_every=1), str(tmp_path))  # 3 steps, 3 evals
     assert traces == {"train_step": 1, "eval_step": 1}
 
@@ -104,10 +114,11 @@ def test_a_run_traces_its_train_and_eval_steps_once(tmp_path, monkeypatch):
 def _sgd_state_and_step(accum_steps, mixup_alpha=0.0):
     config = tiny_config(optimizer="sgd", momentum=0.0, grad_clip_norm=0.0, base_lr=0.5)
     config.update(accum_steps=accum_steps, warmup_steps=0, mixup_alpha=mixup_alpha)
-    model = train.make_model(config, num_classes=10)
-    schedule = train.make_schedule(config)
+    model = run_config.make_model(config, num_classes=10)
+    schedule = run_config.make_schedule(config)
     state = train.create_state(config, model, schedule)
-    return train.replicate(state), train.make_train_step(config, schedule)
+    task = classification.Classification(config, _TEN_CLASSES)
+    return steps.replicate(state), steps.make_train_step(task, schedule, config.accum_steps)
 
 
 def _random_batch(seed=0):
@@ -119,7 +130,7 @@ def _random_batch(seed=0):
 
 def test_gradient_accumulation_gives_the_same_sgd_update():
     batch = _random_batch()
-    key = train.replicate(jax.random.PRNGKey(0))
+    key = steps.replicate(jax.random.PRNGKey(0))
     results = {}
     for k in (1, 4):
         state, step = _sgd_state_and_step(k)
@@ -140,7 +151,7 @@ def test_mixup_mixes_images_and_labels_with_one_lambda():
     """Example i is mixed with example n-1-i by one λ, the same for images and labels."""
     batch = _random_batch()
     images, labels = batch["image"][0, :7], batch["label"][0, :7]  # odd: example 3 is its own pair
-    mixed_images, mixed_labels = train.mixup(images, labels, jax.random.PRNGKey(1), 0.4)
+    mixed_images, mixed_labels = classification.mixup(images, labels, jax.random.PRNGKey(1), 0.4)
     # m = λ·x + (1-λ)·r with r = x reversed ⇒ m - r = λ·(x - r): λ by least squares.
     d, e = images - images[::-1], np.asarray(mixed_images) - images[::-1]
     lam = float(np.sum(d * e) / np.sum(d * d))
@@ -157,7 +168,7 @@ def test_mixup_with_a_tiny_alpha_keeps_or_swaps_the_pair():
     images = np.array([1.0, 2.0, 3.0, 4.0], np.float32).reshape(4, 1, 1, 1)
     labels = np.eye(4, dtype=np.float32)
     for seed in range(4):
-        mixed, mixed_labels = train.mixup(images, labels, jax.random.PRNGKey(seed), 1e-3)
+        mixed, mixed_labels = classification.mixup(images, labels, jax.random.PRNGKey(seed), 1e-3)
         flat = np.asarray(mixed).ravel()
         assert np.allclose(flat, [1, 2, 3, 4], atol=1e-3) or np.allclose(
             flat, [4, 3, 2, 1], atol=1e-3
@@ -167,7 +178,7 @@ def test_mixup_with_a_tiny_alpha_keeps_or_swaps_the_pair():
 
 def test_mixup_changes_the_step_and_alpha_zero_is_the_plain_step():
     batch = _random_batch()
-    key = train.replicate(jax.random.PRNGKey(0))
+    key = steps.replicate(jax.random.PRNGKey(0))
     noise = np.random.default_rng(1)  # the zero-initialised head alone would give loss log(10)
     losses = {}
     for alpha in (0.0, 0.4):
@@ -177,7 +188,7 @@ def test_mixup_changes_the_step_and_alpha_zero_is_the_plain_step():
                 lambda p: p + 0.3 * noise.standard_normal(p.shape, np.float32),
                 jax_utils.unreplicate(state.params),
             )
-        _, metrics = step(state.replace(params=train.replicate(params)), batch, key)
+        _, metrics = step(state.replace(params=steps.replicate(params)), batch, key)
         losses[alpha] = float(metrics["loss"][0])
     # alpha=0: the loss of the un-mixed batch (no dropout in tiny_config), as before mixup existed:
     # the mean of -log softmax(logits)[label], in float64 here.
@@ -198,7 +209,7 @@ def test_micro_batches_get_distinct_dropout_keys():
     def record(params, micro, key):
         return jnp.sum(micro["x"]) * 0.0, {"k": jax.random.uniform(key)}
 
-    _, grads = train.accumulate_gradients(
+    _, grads = steps.accumulate_gradients(
         record, {"k": jnp.zeros(())}, batch, jax.random.PRNGKey(0), 4
     )
     # The mean of 4 uniform draws from identical keys would equal each draw: compare with key 0.
@@ -218,7 +229,7 @@ def _fake_apply(variables, images, train):
 
 def test_eval_weights_by_mask_and_counts_every_example_once():
     step = jax.pmap(
-        functools.partial(train.eval_step, apply_fn=_fake_apply, loss_name="softmax_xent"),
+        functools.partial(steps.eval_step, apply_fn=_fake_apply, task=_classification()),
         axis_name="batch",
     )
     classes = np.arange(8 * 4).reshape(8, 4) % 10
@@ -230,7 +241,7 @@ def test_eval_weights_by_mask_and_counts_every_example_once():
     mask[7, 2:] = 0.0  # two padded entries, wrong labels: must not count
     labels[7, 2:] = 0.0
     batch = {"image": images, "label": labels, "mask": mask}
-    metrics = train.evaluate(step, {}, [batch, batch])
+    metrics = steps.evaluate(step, {}, [batch, batch], _classification())
     assert metrics["count"] == 2 * 30
     assert metrics["accuracy"] == pytest.approx(58 / 60)
     assert metrics["accuracy_top5"] == pytest.approx(58 / 60)  # the wrong class is not in top-5
@@ -244,9 +255,9 @@ def test_softmax_xent_with_label_smoothing_by_hand():
     #   label 0: 14/15·log 8 + (log 4 + log(8/5))/30 = 1.9408121 + 0.0618766 = 2.0026887
     logits = jnp.log(jnp.array([[1.0, 2.0, 5.0], [1.0, 2.0, 5.0]]))
     labels = jnp.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
-    smoothed = train.compute_loss(logits, labels, "softmax_xent", label_smoothing=0.1)
+    smoothed = classification.compute_loss(logits, labels, "softmax_xent", label_smoothing=0.1)
     np.testing.assert_allclose(smoothed, [0.5541946, 2.0026887], rtol=1e-6)
-    plain = train.compute_loss(logits, labels, "softmax_xent")  # -log(5/8), -log(1/8)
+    plain = classification.compute_loss(logits, labels, "softmax_xent")  # -log(5/8), -log(1/8)
     np.testing.assert_allclose(plain, [0.4700036, 2.0794415], rtol=1e-6)
 
 
@@ -259,7 +270,7 @@ def test_sigmoid_xent_sums_over_classes_by_hand():
     log3 = math.log(3)
     logits = jnp.array([[0.0, log3, -log3], [0.0, log3, -log3], [100.0, -100.0, 0.0]])
     labels = jnp.array([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
-    loss = train.compute_loss(logits, labels, "sigmoid_xent")
+    loss = classification.compute_loss(logits, labels, "sigmoid_xent")
     np.testing.assert_allclose(loss, [3.4657359, 1.2685113, 100.6931472], rtol=1e-6)
 
 
@@ -291,8 +302,9 @@ def test_eval_of_fixed_logits_on_8_devices_by_hand():
     ranks_2 = [[5, 0]] + [[0, 0]] * 7
     mask_2 = [[1, 0]] + [[0, 0]] * 7
     batches = [_ranked_batch(ranks_1, mask_1, 0), _ranked_batch(ranks_2, mask_2, 16)]
-    step = train.make_eval_step(types.SimpleNamespace(apply=_fixed_logits_apply), "softmax_xent")
-    metrics = train.evaluate(step, {}, batches)
+    task = _classification()
+    step = steps.make_eval_step(types.SimpleNamespace(apply=_fixed_logits_apply), task)
+    metrics = steps.evaluate(step, {}, batches, task)
     # Real ranks: 0 ×7, 1 ×2, 2 ×1, 3 ×2, 5 ×2 = 14 examples.
     #   top-1: the 7 of rank 0 → 7/14; top-5: all but the 2 of rank 5 → 12/14;
     #   loss: (7·1 + 2·2 + 1·3 + 2·4 + 2·6)·log 2 / 14 = 34·log 2 / 14 = 1.6833574.
@@ -306,7 +318,7 @@ def test_nan_loss_stops_with_the_step(tmp_path, monkeypatch):
     def nan_loss(logits, labels, loss_name, label_smoothing=0.0):
         return jnp.full(logits.shape[:1], jnp.nan)
 
-    monkeypatch.setattr(train, "compute_loss", nan_loss)
+    monkeypatch.setattr(classification, "compute_loss", nan_loss)
     with pytest.raises(FloatingPointError, match="at step 1"):
         train.train_and_evaluate(tiny_config(), str(tmp_path))
     assert not (tmp_path / "params.npz").exists()
@@ -317,10 +329,10 @@ def test_nan_guard_names_the_first_bad_step_and_quantity():
     bad_loss = {**ok, "loss": np.inf}
     bad_grads = {**ok, "grad_norm": np.nan}  # finite loss, but the new params would not be
     with pytest.raises(FloatingPointError, match="training loss inf at step 6"):
-        train._check_finite([ok, bad_loss, ok], first_step=5)
+        run_log.check_finite([ok, bad_loss, ok], first_step=5)
     with pytest.raises(FloatingPointError, match="training grad_norm nan at step 7"):
-        train._check_finite([ok, ok, bad_grads], first_step=5)
-    train._check_finite([ok, ok], first_step=1)
+        run_log.check_finite([ok, ok, bad_grads], first_step=5)
+    run_log.check_finite([ok, ok], first_step=1)
 
 
 def test_img_per_sec_leaves_out_compile_checkpoint_and_eval_time(monkeypatch):
@@ -328,12 +340,12 @@ def test_img_per_sec_leaves_out_compile_checkpoint_and_eval_time(monkeypatch):
         def write_scalars(self, step, scalars):
             self.scalars = scalars
 
-    step = train.replicate({"loss": 1.0, "lr": 0.1, "grad_norm": 1.0, "param_norm": 3.0})
+    step = steps.replicate({"loss": 1.0, "lr": 0.1, "grad_norm": 1.0, "param_norm": 3.0})
     # start; a pause of 50 s; a pause of 2 s; the write at 70 s (and the next window's start).
     clock = iter([0.0, 0.0, 50.0, 60.0, 62.0, 70.0, 70.0])
-    monkeypatch.setattr(train, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))
+    monkeypatch.setattr(run_log, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))
     writer = Writer()
-    metrics = train._TrainMetrics(writer, checkpoints=None, first_step=1, batch_size=16)
+    metrics = run_log.TrainMetrics(writer, checkpoints=None, first_step=1, batch_size=16)
     with metrics.paused():  # e.g. the first step's compilation
         metrics.add(step)
     with metrics.paused(False):  # a later step: training time, reads no clock
@@ -350,7 +362,10 @@ def test_img_per_sec_leaves_out_compile_checkpoint_and_eval_time(monkeypatch):
     [
         ({"batch_size": 12}, r"batch_size=12 .* device count \(8\)"),
         ({"accum_steps": 3}, r"16 / 8 devices = 2\) must be divisible by accum_steps=3"),
-        ({"loss": "xent"}, "Unknown loss='xent'; valid values: softmax_xent, sigmoid_xent"),
+        (
+            {"loss": "xent"},
+            "Unknown loss='xent' for task='classification'; valid values: softmax_xent, sigmoid_",
+        ),
         ({"optimizer": "lamb"}, "Unknown optimizer='lamb'"),
         ({"decay_type": "exp"}, "Unknown decay_type='exp'"),
         ({"optim_dtype": "float16"}, "Unknown optim_dtype"),
@@ -369,7 +384,7 @@ def test_img_per_sec_leaves_out_compile_checkpoint_and_eval_time(monkeypatch):
         ({"optimizer": "sgd", "weight_decay": 0.1}, "optimizer 'sgd' takes no weight_decay"),
         (
             {"model": common.model_config("Mixer-B_16"), "scan_layers": True},
-            r"Mixer-B_16 takes compute_dtype only; unset \['scan'\]",
+            r"Mixer-B_16 takes compute_dtype and head_hidden_size only; unset \['scan'\]",
         ),
         (
             {
@@ -384,7 +399,7 @@ def test_img_per_sec_leaves_out_compile_checkpoint_and_eval_time(monkeypatch):
 )
 def test_config_errors_are_clear(overrides, message):
     with pytest.raises(ValueError, match=message):
-        train.validate_config(tiny_config(**overrides), 8, 8)
+        run_config.validate_config(tiny_config(**overrides), 8, 8)
 
 
 def test_fast_model_options_train_to_the_reference_params(tmp_path):
@@ -428,7 +443,7 @@ def test_missing_pretrained_file_fails_before_reading_the_dataset(tmp_path, monk
     def no_dataset(config):
         raise AssertionError("the dataset was read before the pretrained path was checked")
 
-    monkeypatch.setattr(train, "_dataset_info", no_dataset)
+    monkeypatch.setattr(run_config, "dataset_info", no_dataset)
     missing = tmp_path / "ViT-B_16.npz"
     with pytest.raises(FileNotFoundError, match=r"Checkpoint not found: .*ViT-B_16\.npz"):
         train.train_and_evaluate(tiny_config(pretrained=str(missing)), str(tmp_path / "run"))
@@ -451,6 +466,6 @@ def test_configs_are_locked():  # the command line's side: tests/test_main.py
 def test_default_config_is_valid():
     config = default_config.get_config()
     for name in config.phases:
-        train.validate_config(config[name], 1, 1)
+        run_config.validate_config(config[name], 1, 1)
     assert config.finetune.image_size == 2 * config.pretrain.image_size
     assert config.finetune.pretrained == "phase:pretrain"

@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from tests._commands import TrainCommand, signal_after
 from tests.test_train import tiny_config
-from vit_jax import checkpoint, train
+from vit_jax import checkpoint, resumable, run_config, train
 
 TINY_STEPS = 4  # in-process run: checkpoints at 2 and 4, eval at 2 and 4
 _HPARAMS_TAG = "_hparams_/session_start_info"  # what clu's write_hparams writes
@@ -137,7 +137,7 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous(finished_run, tm
     assert "Resuming from the checkpoint of step 2" in (resume_dir / train.LOG_FILE).read_text()
     assert _same_params(resumed.params, state.params)  # steps 3-4 redone identically
     assert _steps(resume_dir) == [2, 4]
-    assert os.listdir(resume_dir / train.UNREADABLE_DIR)[0].startswith("4-")
+    assert os.listdir(resume_dir / resumable.UNREADABLE_DIR)[0].startswith("4-")
     tags = _event_tags(resume_dir)
     assert len(tags[_HPARAMS_TAG]) == 1  # written by the first run only
     assert tags["train/loss"] == [1, 2, 3, 4, 3, 4]  # the resumed run logged steps 3 and 4 again
@@ -173,10 +173,12 @@ def test_a_failed_save_leaves_the_previous_checkpoint_readable(tmp_path, monkeyp
     from orbax.checkpoint._src.path import atomicity
 
     config = tiny_config()
-    state = train.create_state(config, train.make_model(config, 10), train.make_schedule(config))
+    state = train.create_state(
+        config, run_config.make_model(config, 10), run_config.make_schedule(config)
+    )
     rng = jax.random.PRNGKey(0)
     directory = str(tmp_path / train.CHECKPOINT_DIR)
-    with train.Checkpoints(directory, keep=2) as checkpoints:
+    with resumable.ResumableCheckpoints(directory, keep=2) as checkpoints:
         checkpoints.save(1, state.replace(step=1), rng)
 
         async def disk_full(*args, **kwargs):  # the data is written, the rename fails
@@ -187,7 +189,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_readable(tmp_path, monkeyp
             checkpoints.save(2, state.replace(step=2), rng)
         monkeypatch.undo()
     assert sorted(os.listdir(directory)) == ["1", "2.orbax-checkpoint-tmp"]
-    with train.Checkpoints(directory, keep=2) as checkpoints:  # removes the leftover
+    with resumable.ResumableCheckpoints(directory, keep=2) as checkpoints:  # removes the leftover
         assert os.listdir(directory) == ["1"]
         restored, _, data_step = checkpoints.restore_latest(state, rng)
     assert data_step == 1 and int(restored.step) == 1
@@ -195,10 +197,12 @@ def test_a_failed_save_leaves_the_previous_checkpoint_readable(tmp_path, monkeyp
 
 
 def _restore_latest(config, workdir):
-    model = train.make_model(config, num_classes=10)
-    schedule = train.make_schedule(config)
+    model = run_config.make_model(config, num_classes=10)
+    schedule = run_config.make_schedule(config)
     state = train.create_state(config, model, schedule)
-    with train.Checkpoints(os.path.join(workdir, train.CHECKPOINT_DIR), 2) as checkpoints:
+    with resumable.ResumableCheckpoints(
+        os.path.join(workdir, train.CHECKPOINT_DIR), 2
+    ) as checkpoints:
         return checkpoints.restore_latest(state, jax.random.PRNGKey(0))
 
 

@@ -49,7 +49,6 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
@@ -210,16 +209,14 @@ def get_train_iterator(
     targets: str = "one_hot",
     download: bool = True,
     csv: CsvSpec | None = None,
-    multi_hot: bool | None = None,
 ) -> Iterator[Batch]:
     """Endless augmented training batches `{'image', 'label'}` shaped for `pmap`.
 
     With `targets='value'`: `{'image', 'target'}`, plus `'features'` for a CSV with feature
     columns. `start_step=k` yields exactly the batches an uninterrupted iterator yields from step
     k on. `shuffle_buffer` applies to tfds datasets only (the others are permuted whole, per
-    epoch). `multi_hot` is deprecated (train.py still passes it): use `targets`.
+    epoch).
     """
-    targets = _deprecated_multi_hot(targets, multi_hot)
     per_host, per_device = _batch_sizes(global_batch_size, local_device_count, process_count)
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}.")
@@ -283,14 +280,12 @@ def get_eval_iterator(
     targets: str = "one_hot",
     download: bool = True,
     csv: CsvSpec | None = None,
-    multi_hot: bool | None = None,
 ) -> EvalBatches:
     """Evaluation batches `{'image', 'label', 'mask'}`; each pass covers every example once.
 
     With `targets='value'`: `'target'` (and a CSV's `'features'`) instead of `'label'`; padded
-    entries are zeros with `mask == 0`. `multi_hot` is deprecated: use `targets`.
+    entries are zeros with `mask == 0`.
     """
-    targets = _deprecated_multi_hot(targets, multi_hot)
     if eval_crop not in EVAL_CROPS:
         raise ValueError(f"Unknown eval_crop {eval_crop!r}; valid values: {', '.join(EVAL_CROPS)}.")
     per_host, per_device = _batch_sizes(global_batch_size, local_device_count, process_count)
@@ -498,20 +493,6 @@ def _encode_label(label: tf.Tensor, num_classes: int, multi_hot: bool) -> tf.Ten
     if label.shape.rank != 0:
         raise ValueError(f"Labels of shape {label.shape} need targets='multi_hot'.")
     return tf.one_hot(label, num_classes, dtype=tf.float32)
-
-
-def _deprecated_multi_hot(targets: str, multi_hot: bool | None) -> str:
-    """`targets`, or what the deprecated `multi_hot=` (still passed by train.py) meant."""
-    if multi_hot is None:
-        return targets
-    warnings.warn(
-        "multi_hot= is deprecated: pass targets='multi_hot' (or 'one_hot').",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    if targets != "one_hot":
-        raise ValueError(f"Pass targets={targets!r} or the deprecated multi_hot=, not both.")
-    return "multi_hot" if multi_hot else "one_hot"
 
 
 def _check_targets(dataset: str, source: _Source, targets: str) -> None:

@@ -29,7 +29,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -214,30 +214,30 @@ def main(argv: list[str]) -> None:
     with _native_stderr_hidden(not _VERBOSE.value):
         # Imported here, not at the top: TensorFlow (through vit_jax.input_pipeline) takes
         # seconds to import, which flag errors and --helpshort need not wait for.
-        from vit_jax import train
+        from vit_jax import run_log, tasks
     if not _VERBOSE.value:
         console = absl_logging.get_absl_handler()
-        console.addFilter(train.is_run_record)
+        console.addFilter(run_log.is_run_record)
         console.setFormatter(_ConsoleFormatter())
     try:
         config = _CONFIG.value
     except OSError as e:  # config_flags defers a missing config file to its first use
         raise app.UsageError(str(e)) from e
     try:
-        final = _train(config)
+        final, last = _train(config)
     except Exception as e:  # one message, not a traceback; train.log has the same line
         if _VERBOSE.value:
             raise
         sys.stderr.write(f"Error: {e}\n(--verbose shows the traceback)\n")
         sys.exit(1)
-    print(
-        f"final test accuracy {final['accuracy']:.4f} (top-5 {final['accuracy_top5']:.4f}, "
-        f"loss {final['loss']:.4f}, {int(final['count'])} examples)"
-    )
+    print(tasks.task_class(last).summary(last, final))
 
 
-def _train(config) -> dict[str, float]:
-    """Starts the multi-process runtime if asked, runs the config; the last phase's metrics."""
+def _train(config) -> tuple[dict[str, float], Any]:
+    """Starts the multi-process runtime if asked, runs the config.
+
+    Returns the last phase's final metrics and its config.
+    """
     from vit_jax import multihost, train  # imported by main() already
 
     cluster = (_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -249,8 +249,9 @@ def _train(config) -> dict[str, float]:
             heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value,
         )
     if "phases" in config:
-        return train.train_phases(config, _WORKDIR.value)[config.phases[-1]]
-    return train.train_and_evaluate(config, _WORKDIR.value)[1]
+        last = config.phases[-1]
+        return train.train_phases(config, _WORKDIR.value)[last], config[last]
+    return train.train_and_evaluate(config, _WORKDIR.value)[1], config
 
 
 if __name__ == "__main__":

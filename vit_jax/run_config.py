@@ -1,0 +1,280 @@
+"""From a run config to what it describes: validation, the model, the optimizer, the data.
+
+Everything the loop builds from `config` is built here, so the loop (`vit_jax.train`) reads no
+config key itself beyond the schedule of side work. `validate_config` checks every key before
+any work (data download, compilation): a bad value fails at once, naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vit_jax import input_pipeline, model_heads, models, models_vit, multihost, optim, tasks
+
+OPTIM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+COMPUTE_DTYPES = OPTIM_DTYPES
+EVAL_CROPS = ("resize", "resize_small_crop")
+# ViT options the Mixer does not have (it takes `dtype` and `head_hidden_size`).
+_VIT_ONLY_OPTIONS = (
+    "attention_impl",
+    "remat_policy",
+    "scan",
+    "batch_chunks",
+    "matmul_dtype",
+    "drop_path_rate",
+)
+
+
+def validate_config(
+    config: ml_collections.ConfigDict, device_count: int, local_device_count: int
+) -> None:
+    """Raises ValueError for a config the loop cannot run, saying what to change."""
+    del local_device_count  # the per-process batch is checked by the input pipeline
+    if config.batch_size <= 0 or config.batch_size % device_count:
+        raise ValueError(
+            f"batch_size={config.batch_size} must be a positive multiple of the device count "
+            f"({device_count})."
+        )
+    per_device = config.batch_size // device_count
+    if config.accum_steps <= 0 or per_device % config.accum_steps:
+        raise ValueError(
+            f"The per-device batch ({config.batch_size} / {device_count} devices = {per_device}) "
+            f"must be divisible by accum_steps={config.accum_steps}."
+        )
+    tasks.check_config(config)
+    _check_choice("optimizer", config.optimizer, optim.OPTIMIZERS)
+    _check_choice("decay_type", config.decay_type, optim.DECAY_TYPES)
+    _check_choice("optim_dtype", config.optim_dtype, tuple(OPTIM_DTYPES))
+    _check_choice("eval_crop", config.eval_crop, EVAL_CROPS)
+    models.check_model_config(config.model)
+    _check_model_options(config)
+    for key in ("total_steps", "log_every", "keep_checkpoints"):
+        if config[key] <= 0:
+            raise ValueError(f"{key} must be > 0, got {config[key]}.")
+    for key in ("eval_every", "checkpoint_every"):
+        if config[key] < 0:
+            raise ValueError(f"{key} must be ≥ 0 (0 = only at the end), got {config[key]}.")
+    _check_patch_grid(config.model, config.image_size)
+    make_optimizer(config, make_schedule(config))  # lr, warmup, steps, optimizer options
+
+
+def describe_run(config: ml_collections.ConfigDict, phase: str = "") -> str:
+    """One line saying what is trained on what: model, dataset, image size, steps, devices."""
+    model = config.model
+    if "transformer" in model:
+        t = model.transformer
+        shape = f"width {model.hidden_size}, {t.num_layers} layers, {t.num_heads} heads"
+    else:
+        shape = f"width {model.hidden_dim}, {model.num_blocks} blocks"
+    patch = "×".join(map(str, model.patches.size))
+    start = f", from {config.pretrained}" if config.pretrained else ", from scratch"
+    devices = f"{jax.device_count()} device{'s' * (jax.device_count() > 1)}"
+    if jax.process_count() > 1:
+        devices += f" in {jax.process_count()} processes"
+    task = config.get("task", "classification")
+    return (
+        f"{phase + ': ' if phase else ''}training {model.model_name} ({shape}, {patch} px "
+        f"patches) for {task} on {config.dataset} [{config.train_split}] at "
+        f"{config.image_size} px, {config.total_steps:,} steps of batch {config.batch_size} on "
+        f"{devices}{start}; evaluating on [{config.test_split}]"
+    )
+
+
+def make_model(config: ml_collections.ConfigDict, num_classes: int, **head: Any):
+    """The model of `config.model` with its head (`Task.head()`) and the config's options."""
+    name = config.model.model_name
+    return models.model_class(name)(
+        **{**config.model.to_dict(), **model_options(config), **head, "num_classes": num_classes}
+    )
+
+
+def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Model options from `compute_dtype`, `attention_impl`, `remat_policy`, `scan_layers`,
+    `batch_chunks`, `matmul_dtype`, `drop_path_rate` and `head_hidden_size`.
+
+    Only options that differ from the model's defaults are returned, so a Mixer (which has
+    `dtype` and `head_hidden_size` only) is built unchanged unless it asks for them.
+    """
+    options: dict[str, Any] = {}
+    if config.compute_dtype != "float32":
+        options["dtype"] = COMPUTE_DTYPES[config.compute_dtype]
+    if config.attention_impl != "flax":
+        options["attention_impl"] = config.attention_impl
+    if config.remat_policy:
+        options["remat_policy"] = config.remat_policy
+    if config.scan_layers:
+        options["scan"] = True
+    if config.batch_chunks != 1:
+        options["batch_chunks"] = config.batch_chunks
+    if config.matmul_dtype:
+        options["matmul_dtype"] = COMPUTE_DTYPES[config.matmul_dtype]
+    if config.drop_path_rate:
+        options["drop_path_rate"] = config.drop_path_rate
+    if config.head_hidden_size:
+        options["head_hidden_size"] = config.head_hidden_size
+    return options
+
+
+def make_schedule(config: ml_collections.ConfigDict) -> optim.Schedule:
+    return optim.learning_rate_schedule(
+        base_lr=config.base_lr,
+        total_steps=config.total_steps,
+        warmup_steps=config.warmup_steps,
+        decay_type=config.decay_type,
+        linear_end=config.linear_end,
+    )
+
+
+def make_optimizer(config: ml_collections.ConfigDict, schedule: optim.Schedule):
+    return optim.make_optimizer(
+        config.optimizer,
+        schedule,
+        grad_clip_norm=config.grad_clip_norm or None,
+        momentum=config.momentum,
+        accumulator_dtype=OPTIM_DTYPES[config.optim_dtype],
+        b1=config.adam_b1,
+        b2=config.adam_b2,
+        weight_decay=config.weight_decay,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Data.
+
+
+def dataset_info(config: ml_collections.ConfigDict) -> input_pipeline.DatasetInfo:
+    """The dataset's info; a tfds dataset's is read by process 0 before the others.
+
+    A tfds dataset not prepared yet is so downloaded and prepared by one process, not by every
+    process at once into the same data_dir. An image folder is validated by all processes
+    together (each decodes its share of the files).
+    """
+    prepare_first = input_pipeline.needs_preparation(config.dataset)
+    if prepare_first and not multihost.is_main_process():
+        multihost.barrier("dataset-prepared")  # wait for process 0's download and preparation
+    info = input_pipeline.get_dataset_info(
+        config.dataset,
+        train_split=config.train_split,
+        test_split=config.test_split,
+        targets=tasks.task_class(config).targets_for(config),
+        **_source_args(config),
+    )
+    if prepare_first and multihost.is_main_process():
+        multihost.barrier("dataset-prepared")
+    return info
+
+
+def train_batches(config: ml_collections.ConfigDict, task: tasks.Task, start_step: int = 0):
+    """Endless training batches from `start_step` on, shaped for the pmap'd step."""
+    return input_pipeline.get_train_iterator(
+        config.dataset,
+        config.train_split,
+        seed=config.seed,
+        start_step=start_step,
+        shuffle_buffer=config.shuffle_buffer,
+        **_pipeline_args(config, task),
+    )
+
+
+def eval_batches(config: ml_collections.ConfigDict, task: tasks.Task):
+    """One re-iterable pass over `test_split`, padded and masked."""
+    return input_pipeline.get_eval_iterator(
+        config.dataset,
+        config.test_split,
+        eval_crop=config.eval_crop,
+        **_pipeline_args(config, task),
+    )
+
+
+def _source_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Where the dataset is and which share of it this process reads."""
+    return {
+        "process_index": jax.process_index(),
+        "process_count": jax.process_count(),
+        "data_dir": config.data_dir or None,
+        "manual_dir": config.manual_dir or None,
+        "csv": csv_spec(config) if config.dataset.startswith(input_pipeline.CSV_PREFIX) else None,
+    }
+
+
+def csv_spec(config: ml_collections.ConfigDict) -> input_pipeline.CsvSpec:
+    """The `config.csv` options of a 'csv:' dataset."""
+    c = config.csv
+    return input_pipeline.CsvSpec(
+        id_column=c.id_column,
+        target_columns=tuple(c.target_columns),
+        feature_columns=tuple(c.feature_columns),
+        image_dir=c.image_dir,
+        image_ext=c.image_ext,
+        num_folds=c.num_folds,
+        fold=c.fold,
+        holdout_fraction=c.holdout_fraction,
+        stratify_bins=c.stratify_bins,
+        split_seed=c.split_seed,
+    )
+
+
+def _pipeline_args(config: ml_collections.ConfigDict, task: tasks.Task) -> dict[str, Any]:
+    """The input-pipeline arguments shared by training and evaluation batches."""
+    return {
+        "image_size": config.image_size,
+        "global_batch_size": config.batch_size,
+        "local_device_count": jax.local_device_count(),
+        "targets": task.targets,
+        **_source_args(config),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks.
+
+
+def _check_choice(key: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"Unknown {key}={value!r}; valid values: {', '.join(valid)}.")
+
+
+def _check_model_options(config: ml_collections.ConfigDict) -> None:
+    _check_choice("compute_dtype", config.compute_dtype, tuple(COMPUTE_DTYPES))
+    if config.matmul_dtype:
+        _check_choice("matmul_dtype", config.matmul_dtype, tuple(COMPUTE_DTYPES))
+    models_vit.validate_options(  # the model's own checks, before any setup work
+        classifier=config.model.get("classifier", "token"),
+        attention_impl=config.attention_impl,
+        remat_policy=config.remat_policy or None,
+        batch_chunks=config.batch_chunks,
+        drop_path_rate=config.drop_path_rate,
+    )
+    model_heads.check_head_hidden_size(config.head_hidden_size)
+    vit_only = {k: v for k, v in model_options(config).items() if k in _VIT_ONLY_OPTIONS}
+    if vit_only and models.model_class(config.model.model_name) is not models.VisionTransformer:
+        raise ValueError(
+            f"{config.model.model_name} takes compute_dtype and head_hidden_size only; unset "
+            f"{sorted(vit_only)} (attention_impl, remat_policy, scan_layers, batch_chunks, "
+            "matmul_dtype and drop_path_rate are ViT options)."
+        )
+    transformer = config.model.get("transformer")
+    attention_dropout = (
+        models_vit.transformer_option(transformer, "attention_dropout_rate") if transformer else 0
+    )
+    if config.attention_impl != "flax" and attention_dropout:
+        raise ValueError(
+            f"attention_impl={config.attention_impl!r} has no attention dropout, but the model's "
+            f"transformer.attention_dropout_rate={attention_dropout}; set it to 0 or use "
+            "attention_impl='flax'."
+        )
+
+
+def _check_patch_grid(model_config: ml_collections.ConfigDict, image_size: int) -> None:
+    """Image size must tile into patches (after the hybrid stem's stride); Mixer has no stem."""
+    resnet = model_config.get("resnet")
+    models_vit.check_image_size(
+        (image_size, image_size),
+        tuple(model_config.patches.size),
+        models_vit.stem_stride(resnet),
+        model_config.model_name,
+    )

@@ -1,0 +1,112 @@
+"""What a training objective ("task") provides to the loop, and the loop nothing else.
+
+The loop (`vit_jax.train`, `vit_jax.steps`) knows batches, devices, optimisers and checkpoints;
+it does not know what a batch's targets are, which head the model needs, how a loss or a metric
+is computed, or which metric is "better". A `Task` owns exactly that, so a new objective
+(regression, distillation, masked-patch prediction) is a new `Task`, not a fork of the loop.
+
+A task's methods that run inside the pmap'd steps (`train_loss`, `eval_values`) are pure
+functions of their arguments; the task object itself holds only Python values (options and
+dataset statistics), so it can be closed over by `jax.pmap`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import jax
+import ml_collections
+
+Metrics = dict[str, float]
+ApplyFn = Callable[..., jax.Array]
+Batch = Mapping[str, jax.Array]
+
+
+class Task(abc.ABC):
+    """One objective: targets, head, loss, evaluation sums, final metrics, predictions.
+
+    Subclasses set the class attributes and implement the abstract methods. `config` is the
+    run's config (already validated by `check_config`); `info` the dataset's
+    `input_pipeline.DatasetInfo`.
+    """
+
+    name: ClassVar[str]
+    losses: ClassVar[tuple[str, ...]]  # valid values of `config.loss` for this task
+    best_metric: ClassVar[str]  # the validation metric `keep_best` follows
+    higher_is_better: ClassVar[bool]
+
+    def __init__(self, config: ml_collections.ConfigDict, info: Any):
+        self.config = config
+        self.info = info
+
+    # -- before any data is read ---------------------------------------------------------------
+
+    @classmethod
+    def check_config(cls, config: ml_collections.ConfigDict) -> None:
+        """ValueError for options this task cannot run with (loss, task-specific keys)."""
+        if config.loss not in cls.losses:
+            raise ValueError(
+                f"Unknown loss={config.loss!r} for task={cls.name!r}; valid values: "
+                f"{', '.join(cls.losses)}. (Each task has its own losses: set --config.task "
+                "and --config.loss together.)"
+            )
+
+    # -- data and model ------------------------------------------------------------------------
+
+    @classmethod
+    @abc.abstractmethod
+    def targets_for(cls, config: ml_collections.ConfigDict) -> str:
+        """What the input pipeline yields as targets: 'one_hot', 'multi_hot' or 'value'.
+
+        A class method: the dataset's info, which the task is built from, depends on it.
+        """
+
+    @property
+    def targets(self) -> str:
+        return self.targets_for(self.config)
+
+    @abc.abstractmethod
+    def head(self) -> dict[str, Any]:
+        """Model constructor arguments for the head: `num_classes` (outputs), `head_bias_init`."""
+
+    def model_inputs(self, batch: Batch) -> dict[str, jax.Array]:
+        """Keyword inputs of the model besides the images (e.g. per-image `features`)."""
+        del batch
+        return {}
+
+    # -- inside the pmap'd steps ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    def train_loss(self, apply_fn: ApplyFn, params: Any, batch: Batch, rng: jax.Array) -> jax.Array:
+        """Mean training loss of one micro-batch; `rng` is this micro-batch's dropout key."""
+
+    @abc.abstractmethod
+    def eval_values(self, apply_fn: ApplyFn, params: Any, batch: Batch) -> dict[str, jax.Array]:
+        """Per-example values [batch] the loop sums over real (unpadded) examples.
+
+        The loop adds `count`; `metrics` turns the sums into the final numbers.
+        """
+
+    # -- on the host ---------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def metrics(self, sums: Mapping[str, float]) -> Metrics:
+        """Final metrics of one evaluation pass from the summed `eval_values` and `count`."""
+
+    def is_better(self, new: Mapping[str, float], old: Mapping[str, float] | None) -> bool:
+        """Whether `new` beats `old` on `best_metric` (any result beats none)."""
+        if old is None:
+            return True
+        a, b = new[self.best_metric], old[self.best_metric]
+        return a > b if self.higher_is_better else a < b
+
+    @classmethod
+    @abc.abstractmethod
+    def summary(cls, config: ml_collections.ConfigDict, metrics: Mapping[str, float]) -> str:
+        """The final result as the one line the command line prints."""
+
+    @abc.abstractmethod
+    def inference_info(self) -> dict[str, Any]:
+        """What `predict` needs to turn outputs into predictions (saved as `task.json`)."""
