@@ -91,3 +91,24 @@ def test_attention_dropout_has_one_default_that_validation_sees():
         run_config.validate_config(config, 8, 8)
     config.model.transformer.attention_dropout_rate = 0.0
     run_config.validate_config(config, 8, 8)
+
+
+def test_recipe_options_reach_the_model_and_are_checked():
+    config = _finetune_phase()
+    config.update(drop_path_rate=0.1, head_hidden_size=16)
+    run_config.validate_config(config, 8, 8)
+    model = run_config.make_model(config, num_classes=10)
+    assert (model.drop_path_rate, model.head_hidden_size) == (0.1, 16)
+    mixer = finetune.get_config("Mixer-B_16,cifar10")
+    mixer.head_hidden_size = 16  # the shared head: Mixer has it too
+    run_config.validate_config(mixer, 8, 8)
+    assert run_config.make_model(mixer, num_classes=10).head_hidden_size == 16
+    mixer.drop_path_rate = 0.1
+    with pytest.raises(ValueError, match=r"unset \['drop_path_rate'\]"):
+        run_config.validate_config(mixer, 8, 8)
+    config.drop_path_rate = 1.0
+    with pytest.raises(ValueError, match="drop_path_rate"):
+        run_config.validate_config(config, 8, 8)
+    config.drop_path_rate, config.head_hidden_size = 0.0, -3
+    with pytest.raises(ValueError, match="head_hidden_size"):
+        run_config.validate_config(config, 8, 8)

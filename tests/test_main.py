@@ -114,7 +114,8 @@ def test_a_tiny_fine_tuning_run_prints_the_final_accuracy(tmp_path):
     # The console holds the run's own lines: what is trained on what first, no framework chatter.
     lines = result.stderr.splitlines()
     assert re.fullmatch(
-        r"\d\d:\d\d:\d\d training testing \(width 10, 1 layers, 2 heads, 4×4 px patches\) on "
+        r"\d\d:\d\d:\d\d training testing \(width 10, 1 layers, 2 heads, 4×4 px patches\) for "
+        r"classification on "
         r"folder:.*data \[train\] at 8 px, 2 steps of batch 8 on 8 devices, from scratch; "
         r"evaluating on \[test\]",
         lines[0],

@@ -89,8 +89,9 @@ def test_finished_run_leaves_checkpoints_events_and_log(finished_run):
     assert re.search(r"step 4 eval accuracy=[\d.]+ accuracy_top5=", log)
     assert "Checkpoint of step 4 saved" in log
     assert log.splitlines()[0].endswith(
-        "training testing (width 10, 1 layers, 2 heads, 4×4 px patches) on sklearn_digits "
-        "[train] at 8 px, 4 steps of batch 16 on 8 devices, from scratch; evaluating on [test]"
+        "training testing (width 10, 1 layers, 2 heads, 4×4 px patches) for classification on "
+        "sklearn_digits [train] at 8 px, 4 steps of batch 16 on 8 devices, from scratch; "
+        "evaluating on [test]"
     )  # what is trained on what comes first; the hyper-parameters are in TensorBoard
     assert "[Hyperparameters]" not in log
     assert "Finished saving checkpoint" not in log  # orbax's INFO chatter is left out

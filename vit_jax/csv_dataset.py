@@ -196,6 +196,23 @@ def load(
 
 def read_table(path: str, spec: CsvSpec) -> CsvTable:
     """The CSV's ids, targets and features, validated; errors name the file, column and lines."""
+    return _read(path, spec.id_column, spec.target_columns, spec.feature_columns)
+
+
+def read_features(
+    path: str, id_column: str, feature_columns: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """`{id: float32 [F]}` of a CSV that need not have targets (Kaggle's `test.csv`).
+
+    What `predict` feeds a head trained with feature columns; validated as `read_table` does.
+    """
+    table = _read(path, id_column, (), tuple(feature_columns))
+    return dict(zip(table.ids, table.features, strict=True))
+
+
+def _read(
+    path: str, id_column: str, target_columns: Sequence[str], feature_columns: Sequence[str]
+) -> CsvTable:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CSV file {path!r} does not exist.")
     with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's BOM
@@ -206,7 +223,7 @@ def read_table(path: str, spec: CsvSpec) -> CsvTable:
             if any(cell.strip() for cell in row):  # blank lines are no rows
                 rows.append(row)
                 lines.append(reader.line_num)
-    wanted = (spec.id_column, *spec.target_columns, *spec.feature_columns)
+    wanted = (id_column, *target_columns, *feature_columns)
     missing = [name for name in wanted if name not in header]
     if missing:
         raise ValueError(
@@ -225,14 +242,14 @@ def read_table(path: str, spec: CsvSpec) -> CsvTable:
             f"fields: {_listed([f'line {n}' for n in ragged])} ({_LINES})."
         )
     where = {name: header.index(name) for name in wanted}
-    ids = tuple(row[where[spec.id_column]].strip() for row in rows)
-    _check_ids(path, spec.id_column, ids, lines)
+    ids = tuple(row[where[id_column]].strip() for row in rows)
+    _check_ids(path, id_column, ids, lines)
     return CsvTable(
         path,
         ids,
         tuple(lines),
-        _numbers(path, rows, lines, [where[c] for c in spec.target_columns], spec.target_columns),
-        _numbers(path, rows, lines, [where[c] for c in spec.feature_columns], spec.feature_columns),
+        _numbers(path, rows, lines, [where[c] for c in target_columns], target_columns),
+        _numbers(path, rows, lines, [where[c] for c in feature_columns], feature_columns),
     )
 
 

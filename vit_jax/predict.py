@@ -1,4 +1,4 @@
-"""Prediction: a checkpoint and image files → the top-k classes of each image.
+"""Prediction: a checkpoint and image files → the top-k classes (or a regression's values).
 
     python -m vit_jax.predict --checkpoint=ViT-B_16.npz --model=ViT-B_16 \
         --labels=ilsvrc2012_wordnet_lemmas.txt [--top_k=5] [--json] IMAGE...
@@ -14,7 +14,9 @@ preprocessing, which is the training pipeline's evaluation preprocessing
 
 `--checkpoint` is a released-format `.npz`, or a training workdir: its `params.npz`, or, for a
 multi-phase run (`<workdir>/<phase>/params.npz`), the phase that ran last (see
-`resolve_checkpoint`).
+`resolve_checkpoint`). A regression run's checkpoint (its `task.json` says so) prints each
+image's values and, with `--csv=submission.csv`, writes `Id,<target>` rows
+(`vit_jax.predict_regression`).
 
 The command line uses argparse with the parser built by `build_parser` (as `vit_jax.demo`
 does), so importing this module as a library (notebooks, `vit_jax.attention`) defines no
@@ -24,6 +26,7 @@ global flags.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -37,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from vit_jax import checkpoint, input_pipeline, models, models_mixer, models_vit
+from vit_jax import checkpoint, input_pipeline, models, models_mixer, models_vit, predict_regression
 
 PARAMS_FILE = checkpoint.PARAMS_FILE  # what a training workdir (or each phase of one) holds
 IMAGENET1K_LABELS_URL = "https://storage.googleapis.com/bit_models/ilsvrc2012_wordnet_lemmas.txt"
@@ -132,6 +135,7 @@ def prepare_for_prediction(
     *,
     image_size: int | None = None,
     checkpoint_grid_shape: Sequence[int] | None = None,
+    num_features: int = 0,
     **overrides: Any,
 ) -> tuple[nn.Module, Params, int]:
     """Builds zoo model `model_name` for loaded `params` and checks the params fit it.
@@ -146,9 +150,14 @@ def prepare_for_prediction(
     `checkpoint_grid_shape=(rows, cols)` is the patch grid the checkpoint was trained at; it is
     needed only when its position table is not a square grid (on the command line of
     `vit_jax.predict` / `vit_jax.attention`: `--overrides='{"checkpoint_grid_shape": [2, 3]}'`).
+    An MLP head (`head_hidden`) is read from the params; `num_features` is the width of the
+    per-image features a regression head also reads (its `task.json` says).
     """
     params = dict(params)
     kwargs: dict[str, Any] = {"num_classes": head_size(params)}
+    head_hidden = params.get("head_hidden")
+    if isinstance(head_hidden, Mapping) and "kernel" in head_hidden:  # an MLP head
+        kwargs["head_hidden_size"] = int(np.shape(head_hidden["kernel"])[-1])
     if models.model_class(model_name) is models_vit.VisionTransformer:
         pre_logits = params.get("pre_logits")
         if isinstance(pre_logits, Mapping) and "kernel" in pre_logits:
@@ -175,9 +184,13 @@ def prepare_for_prediction(
         size = int(image_size)
     if size <= 0:
         raise ValueError(f"image_size must be positive, got {size}.")
+    features = {}
+    if num_features:
+        features["features"] = jax.ShapeDtypeStruct((1, num_features), jnp.float32)
     shapes = jax.eval_shape(
-        lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
+        lambda x, kw: model.init(jax.random.PRNGKey(0), x, train=False, **kw),
         jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),
+        features,
     )["params"]
     if checkpoint.is_scanned(shapes):
         shapes = checkpoint.unscan_params(shapes)
@@ -242,25 +255,36 @@ class Predictor:
         self.params = jax.device_put(params)
         self.traces = 0
 
-        def forward(params, images):
+        def forward(params, images, inputs):
             self.traces += 1  # Python side effect: runs once per trace, not per call
-            return model.apply({"params": params}, images, train=False)
+            return model.apply({"params": params}, images, train=False, **inputs)
 
         self._forward = jax.jit(forward)
 
-    def __call__(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
-        """Logits [N, classes] (float32, NumPy) of images [N, H, W, 3] in [-1, 1]."""
+    def __call__(
+        self, images: np.ndarray | Sequence[np.ndarray], features: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Outputs [N, classes] (float32, NumPy) of images [N, H, W, 3] in [-1, 1].
+
+        `features` [N, F]: the per-image features of a head trained with them.
+        """
         images = np.asarray(images, np.float32)
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"Expected images of shape [N, H, W, 3], got {images.shape}.")
         outputs = []
         for start in range(0, len(images), self.batch_size):
-            batch = images[start : start + self.batch_size]
-            real = len(batch)
-            if real < self.batch_size:
-                padding = np.zeros((self.batch_size - real, *batch.shape[1:]), np.float32)
-                batch = np.concatenate([batch, padding])
-            outputs.append(np.asarray(self._forward(self.params, batch))[:real])
+            parts = {"images": images[start : start + self.batch_size]}
+            if features is not None:
+                parts["features"] = np.asarray(features, np.float32)[
+                    start : start + len(parts["images"])
+                ]
+            real = len(parts["images"])
+            for key, part in parts.items():
+                if real < self.batch_size:
+                    padding = np.zeros((self.batch_size - real, *part.shape[1:]), np.float32)
+                    parts[key] = np.concatenate([part, padding])
+            inputs = {"features": parts["features"]} if features is not None else {}
+            outputs.append(np.asarray(self._forward(self.params, parts["images"], inputs))[:real])
         if not outputs:
             return np.zeros((0, self.model.num_classes), np.float32)
         return np.concatenate(outputs)
@@ -432,6 +456,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sigmoid", action="store_true", help="Per-class sigmoid (sigmoid-trained heads)."
     )
+    parser.add_argument(
+        "--csv",
+        help="Regression checkpoints: also write <id>,<target> rows to this file (a Kaggle "
+        "submission; the id is the image's file name without its extension).",
+    )
+    parser.add_argument(
+        "--features_csv",
+        help="Regression heads trained with feature columns: the CSV holding each image's "
+        "features by id (e.g. Kaggle's test.csv).",
+    )
+    parser.add_argument(
+        "--task_info",
+        help="The task.json of the run (default: the one beside the checkpoint's params file).",
+    )
     parser.add_argument("--json", action="store_true", help="Print one JSON document.")
     parser.add_argument("--verbose", action="store_true", help="Show tracebacks of errors.")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="Image files.")
@@ -449,7 +487,10 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None) -> int
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    predictor, image_size, labels = setup
+    predictor, image_size, labels, info = setup
+    if info is not None and info["task"] == "regression":
+        load = functools.partial(load_image, eval_crop=args.eval_crop)
+        return predict_regression.run(args, predictor, image_size, info, load, stdout)
     results = classify(
         predictor,
         args.images,
@@ -469,19 +510,30 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None) -> int
     return 1 if errors else 0
 
 
-def _setup(args: argparse.Namespace) -> tuple[Predictor, int, list[str] | None]:
+def _setup(
+    args: argparse.Namespace,
+) -> tuple[Predictor, int, list[str] | None, dict[str, Any] | None]:
     """Everything that can fail before any image is read: checkpoint, labels, model, sizes."""
     if args.top_k < 1:
         raise ValueError(f"--top_k must be >= 1, got {args.top_k}.")
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}.")
+    info = predict_regression.read_task_info(args.checkpoint, args.task_info)
+    regression = info is not None and info["task"] == "regression"
+    for flag in ("csv", "features_csv"):
+        if getattr(args, flag) and not regression:
+            raise ValueError(f"--{flag} applies to regression checkpoints; this one classifies.")
     params = load_params(args.checkpoint)
     labels = read_labels(args.labels, head_size(params)) if args.labels else None
     model, params, image_size = prepare_for_prediction(
-        params, args.model, image_size=args.image_size, **args.overrides
+        params,
+        args.model,
+        image_size=args.image_size,
+        num_features=int(info.get("num_features", 0)) if regression else 0,
+        **args.overrides,
     )
     batch_size = min(args.batch_size, len(args.images))
-    return Predictor(model, params, batch_size), image_size, labels
+    return Predictor(model, params, batch_size), image_size, labels, info
 
 
 # ----------------------------------------------------------------------------------------------

@@ -141,6 +141,8 @@ class Regression(Task):
             "scale": list(self.scale),
             "output": "sigmoid" if self.config.loss == "sigmoid_bce" else "identity",
             "num_features": int(self.info.num_features),
+            "id_column": self.config.csv.id_column,
+            "feature_columns": list(self.config.csv.feature_columns) if self.use_features else [],
         }
 
     def predictions(self, outputs: jax.Array) -> jax.Array:
