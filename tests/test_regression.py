@@ -19,6 +19,7 @@ from PIL import Image
 
 from configs import common
 from configs import regression as regression_recipe
+from tests.test_csv_dataset import META
 from tests.test_learns import learning_config
 from tests.test_train import DIGITS_TEST, train_scalars
 from vit_jax import checkpoint, csv_dataset, predict, resumable, run_config, steps, tasks, train
@@ -168,20 +169,6 @@ def test_digits_as_regression_beat_the_mean_and_keep_the_best(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # The Kaggle Pawpularity layout, end to end.
 
-META = (
-    "Subject Focus",
-    "Eyes",
-    "Face",
-    "Near",
-    "Action",
-    "Accessory",
-    "Group",
-    "Collage",
-    "Human",
-    "Occlusion",
-    "Info",
-    "Blur",
-)
 PETS, TEST_PETS = 60, 7
 
 

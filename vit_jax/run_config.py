@@ -202,19 +202,10 @@ def _source_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def csv_spec(config: ml_collections.ConfigDict) -> input_pipeline.CsvSpec:
-    """The `config.csv` options of a 'csv:' dataset."""
-    c = config.csv
+    """The `config.csv` options of a 'csv:' dataset (its keys are `CsvSpec`'s fields)."""
+    options = config.csv.to_dict()
     return input_pipeline.CsvSpec(
-        id_column=c.id_column,
-        target_columns=tuple(c.target_columns),
-        feature_columns=tuple(c.feature_columns),
-        image_dir=c.image_dir,
-        image_ext=c.image_ext,
-        num_folds=c.num_folds,
-        fold=c.fold,
-        holdout_fraction=c.holdout_fraction,
-        stratify_bins=c.stratify_bins,
-        split_seed=c.split_seed,
+        **{k: tuple(v) if isinstance(v, list | tuple) else v for k, v in options.items()}
     )
 
 
