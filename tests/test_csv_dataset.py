@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vit_jax import csv_dataset
+from vit_jax import csv_dataset, indexed_sources
 from vit_jax import input_pipeline as ip
 from vit_jax.csv_dataset import CsvSpec
 
@@ -354,7 +354,7 @@ def test_digits_value_targets_are_the_labels():
     info = ip.get_dataset_info(
         "sklearn_digits", train_split="train", test_split="test", targets="value"
     )
-    train_labels = ip._digits_split("train")[1]
+    train_labels = indexed_sources._digits_split("train")[1]
     assert info.target_names == ("label",) and info.num_classes == 10
     assert info.target_stats["mean"] == pytest.approx((train_labels.mean(),))
     assert info.target_stats["min"] == (0.0,) and info.target_stats["max"] == (9.0,)
@@ -367,7 +367,7 @@ def test_digits_value_targets_are_the_labels():
         targets="value",
     )
     targets = np.concatenate([b["target"].reshape(-1)[b["mask"].reshape(-1) == 1] for b in batches])
-    np.testing.assert_array_equal(targets, ip._digits_split("test")[1])
+    np.testing.assert_array_equal(targets, indexed_sources._digits_split("test")[1])
     batch = next(ip.get_train_iterator("sklearn_digits", "train", seed=0, **_SMALL, **_VAL))
     assert sorted(batch) == ["image", "target"] and batch["target"].shape == (4, 2, 1)
 

@@ -11,7 +11,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from vit_jax import image_folder
+from vit_jax import image_folder, indexed_sources, tfds_source
 from vit_jax import input_pipeline as ip
 
 DEVICES = 8
@@ -52,10 +52,13 @@ def test_digits_info_split_sizes_and_classes():
     assert info.num_classes == 10
     assert info.class_names == tuple("0123456789")
     assert info.num_examples == {"train": 1437, "test": 360}  # 1797, stratified 80/20
-    train_y, test_y = ip._digits_split("train")[1], ip._digits_split("test")[1]
+    train_y, test_y = (
+        indexed_sources._digits_split("train")[1],
+        indexed_sources._digits_split("test")[1],
+    )
     assert set(np.bincount(test_y)) <= {35, 36, 37}  # stratified: about 36 per class
     assert len(train_y) + len(test_y) == 1797
-    images = ip._digits_split("train")[0]
+    images = indexed_sources._digits_split("train")[0]
     assert images.shape == (1437, 8, 8, 3) and images.dtype == np.uint8 and images.max() == 255
 
 
@@ -97,7 +100,7 @@ def test_global_batches_do_not_depend_on_the_process_count():
 
 def test_each_epoch_reads_every_example_once():
     """The first epoch's positions are a permutation of the split (raw, before augmentation)."""
-    images, labels = ip._digits_split("train")
+    images, labels = indexed_sources._digits_split("train")
     elements = ip._global_order(
         images,
         {"label": labels},
@@ -138,7 +141,9 @@ def test_eval_covers_every_example_once_with_padding():
     assert len(batches) == 6  # ceil(360 / 64)
     labels, padded = _eval_labels(batches)
     assert padded == 6 * 64 - 360
-    assert collections.Counter(labels) == collections.Counter(ip._digits_split("test")[1].tolist())
+    assert collections.Counter(labels) == collections.Counter(
+        indexed_sources._digits_split("test")[1].tolist()
+    )
     again, _ = _eval_labels(batches)  # re-iterable, one full pass each time
     assert again == labels
     first = next(iter(batches))
@@ -152,7 +157,7 @@ def test_eval_over_two_processes_is_disjoint_and_complete():
     labels = [_eval_labels(batches)[0] for batches in per_process]
     assert [len(x) for x in labels] == [180, 180]
     assert collections.Counter(labels[0] + labels[1]) == collections.Counter(
-        ip._digits_split("test")[1].tolist()
+        indexed_sources._digits_split("test")[1].tolist()
     )
 
 
@@ -164,7 +169,7 @@ def test_eval_resize_small_crop_shape():
 
 def test_eval_resize_is_exact_at_native_size():
     batch = next(iter(_eval(global_batch_size=8)))
-    raw = ip._digits_split("test")[0][:8].astype(np.float32) / 127.5 - 1.0
+    raw = indexed_sources._digits_split("test")[0][:8].astype(np.float32) / 127.5 - 1.0
     np.testing.assert_allclose(batch["image"].reshape(8, 8, 8, 3), raw, atol=1e-6)
 
 
@@ -358,7 +363,7 @@ def test_folder_every_mode_decodes_to_rgb_uint8(tmp_path):
     assert {os.path.basename(p): bool(v) for p, v in verdicts.items()} == expected_tf
     for path in sorted((root / "train").rglob("*.*")):
         if path.name in ("broken.jpg", "notes.txt"):
-            assert not ip._is_readable_image(str(path))
+            assert not indexed_sources._is_readable_image(str(path))
             with pytest.raises((OSError, ValueError)):
                 image_folder.read_image(str(path))
             continue
@@ -439,7 +444,7 @@ def test_unreadable_class_folder_says_permission_denied(tmp_path, monkeypatch):
     for where in ("train/dog", "train/cat/deeper", "train"):
         denied.clear()
         denied.add(str(root / where))
-        ip._scan_folder_split.cache_clear()
+        indexed_sources._scan_folder_split.cache_clear()
         with pytest.raises(PermissionError) as err:
             ip.get_dataset_info(f"folder:{root}", train_split="train", test_split="test")
         message = str(err.value)
@@ -463,16 +468,22 @@ def test_multiprocess_verdicts_carry_the_decoder(tmp_path, monkeypatch):
     root = _make_folder(tmp_path / "pets")
     names = ["cat/a.jpg", "dog/e.jpg", "dog/broken.jpg", "cat/c.png", "dog/notes.txt"]
     paths = [str(root / "train" / n) for n in names]
-    expected = [ip._TF_DECODES, ip._PILLOW_DECODES, ip._UNREADABLE, ip._TF_DECODES, ip._UNREADABLE]
-    assert ip._decode_check(paths) == expected  # one process decodes them all
+    expected = [
+        indexed_sources._TF_DECODES,
+        indexed_sources._PILLOW_DECODES,
+        indexed_sources._UNREADABLE,
+        indexed_sources._TF_DECODES,
+        indexed_sources._UNREADABLE,
+    ]
+    assert indexed_sources._decode_check(paths) == expected  # one process decodes them all
 
     def allgather(_):  # what the 2 processes of a real run would contribute
-        shares = [ip._decode_check(paths[i::2]) for i in range(2)]
+        shares = [indexed_sources._decode_check(paths[i::2]) for i in range(2)]
         return np.array([share + [0] * (3 - len(share)) for share in shares], np.uint8)
 
-    monkeypatch.setattr(ip, "_in_multiprocess_run", lambda count: True)
+    monkeypatch.setattr(indexed_sources, "_in_multiprocess_run", lambda count: True)
     monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
-    assert [ip._readable(paths, i, 2) for i in range(2)] == [expected, expected]
+    assert [indexed_sources._readable(paths, i, 2) for i in range(2)] == [expected, expected]
 
 
 def test_folder_process_slices_are_disjoint_and_cover(tmp_path):
@@ -541,13 +552,13 @@ def test_prefetch_to_device_shapes():
 
 def test_tfds_reads_an_even_split_per_process(monkeypatch):
     requested = []
-    load = ip._tfds_load
+    load = tfds_source._tfds_load
 
     def recording_load(name, split, **kw):
         requested.append(split)
         return load(name, split, **kw)
 
-    monkeypatch.setattr(ip, "_tfds_load", recording_load)
+    monkeypatch.setattr(tfds_source, "_tfds_load", recording_load)
     with tfds.testing.mock_data(num_examples=6):
         for i in range(2):
             _eval("cifar10", "test", global_batch_size=16, process_index=i, process_count=2)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import scipy.special
 
-from vit_jax import checkpoint, models, models_vit, stochastic_depth
+from vit_jax import checkpoint, matmul_precision, models, models_vit, stochastic_depth
 from vit_jax.models_mixer import MlpMixer
 from vit_jax.models_vit import VisionTransformer
 
@@ -867,7 +867,7 @@ ROUNDED_DOT_CASES = [
 def test_rounded_dot_is_the_float32_product_of_rounded_values(lhs_shape, rhs_shape, dims):
     rng = np.random.default_rng(0)
     lhs, rhs = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (lhs_shape, rhs_shape))
-    dot = models_vit.rounded_dot_general(jnp.bfloat16)
+    dot = matmul_precision.rounded_dot_general(jnp.bfloat16)
     out, vjp = jax.vjp(lambda a, b: dot(a, b, dims), lhs, rhs)
     want, want_vjp = jax.vjp(
         lambda a, b: jax.lax.dot_general(a, b, dims), _rounded(lhs), _rounded(rhs)

@@ -232,14 +232,14 @@ import sys
 import jax
 import numpy as np
 
-from vit_jax import input_pipeline, multihost
+from vit_jax import indexed_sources, input_pipeline, multihost
 
 multihost.initialize()  # what --distributed does: JAX reads the SLURM variables
 total = jax.pmap(lambda x: jax.lax.psum(x, "i"), "i")(np.ones(jax.local_device_count()))
 
 decoded = []  # the files this process decodes to validate the folder
-check = input_pipeline._is_readable_image
-input_pipeline._is_readable_image = lambda path: decoded.append(path) or check(path)
+check = indexed_sources._is_readable_image
+indexed_sources._is_readable_image = lambda path: decoded.append(path) or check(path)
 info = input_pipeline.get_dataset_info(
     "folder:" + sys.argv[1],
     train_split="train",
@@ -247,8 +247,8 @@ info = input_pipeline.get_dataset_info(
     process_index=jax.process_index(),
     process_count=jax.process_count(),
 )
-root = input_pipeline.os.path.abspath(sys.argv[1])
-kept = input_pipeline._scan_folder_split(
+root = indexed_sources.os.path.abspath(sys.argv[1])
+kept = indexed_sources._scan_folder_split(
     root, "train", info.class_names, jax.process_index(), jax.process_count()
 )[0]
 print(json.dumps({

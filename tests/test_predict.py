@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax import checkpoint, input_pipeline, models, predict
+from vit_jax import checkpoint, checkpoint_geometry, input_pipeline, models, predict
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".." / "shared" / "data"
@@ -185,7 +185,7 @@ def test_infer_image_size(name, overrides, trained_at, expected):
         lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
         jax.ShapeDtypeStruct((1, trained_at, trained_at, 3), jnp.float32),
     )["params"]
-    assert predict.infer_image_size(shapes, model) == expected
+    assert checkpoint_geometry.infer_image_size(shapes, model) == expected
 
 
 def test_head_and_pre_logits_sizes_come_from_the_checkpoint(tmp_path):
@@ -202,7 +202,7 @@ def test_non_square_position_table_needs_an_image_size():
     model = models.get_model("testing", num_classes=3, classifier="gap")
     shapes = {"Transformer": {"posembed_input": {"pos_embedding": np.zeros((1, 6, 10))}}}
     with pytest.raises(checkpoint.CheckpointError, match=r"6 grid tokens.*--image_size"):
-        predict.infer_image_size(shapes, model)
+        checkpoint_geometry.infer_image_size(shapes, model)
 
 
 def test_image_size_override_resamples_the_position_table(saved):
@@ -551,8 +551,8 @@ def test_non_square_patches_on_a_square_image():
     """Patches of 16×8 px on 32×32 px: a 2×4 grid, a square image; resampled to 4×8 at 64 px."""
     model = models.get_model("testing", num_classes=NUM_CLASSES, patches={"size": (16, 8)})
     params = random_params(model, 32, seed=7)
-    assert predict.infer_image_size(params, model) == 32
-    assert predict.infer_image_size(params, model, grid_shape=(2, 4)) == 32
+    assert checkpoint_geometry.infer_image_size(params, model) == 32
+    assert checkpoint_geometry.infer_image_size(params, model, grid_shape=(2, 4)) == 32
     loaded_model, loaded, image_size = predict.prepare_for_prediction(
         params, "testing", image_size=64, patches={"size": (16, 8)}
     )

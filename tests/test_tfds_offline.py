@@ -17,6 +17,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from vit_jax import input_pipeline as ip
+from vit_jax import tfds_source
 
 DATASET = "mnist"
 HOST = ("storage.googleapis.com", 443)  # mnist's registered download host
@@ -72,7 +73,7 @@ def _assert_one_clear_error(error: BaseException, data_dir) -> str:
     assert f"{HOST[0]}:{HOST[1]}" in message  # the host that did not answer
     assert f"tfds build {DATASET} --data_dir={data_dir}" in message  # how to prepare it
     assert "copy that data_dir" in message and "--config.data_dir=" in message
-    assert isinstance(error, ip.DatasetUnavailableError)
+    assert isinstance(error, tfds_source.DatasetUnavailableError)
     assert isinstance(error, FileNotFoundError)  # what callers caught before
     return message
 
@@ -98,28 +99,30 @@ def test_unprepared_dataset_on_a_silent_network_fails_in_seconds(tmp_path, silen
     print(f"time to error, network silent: {elapsed:.2f} s")
     assert elapsed < TIME_BOUND_S
     message = _assert_one_clear_error(error, tmp_path)
-    assert f"no answer within {ip._PROBE_TIMEOUT_S:g} s" in message
-    assert elapsed >= ip._PROBE_TIMEOUT_S  # the probe waited for the hosts, and no longer
+    assert f"no answer within {tfds_source._PROBE_TIMEOUT_S:g} s" in message
+    assert elapsed >= tfds_source._PROBE_TIMEOUT_S  # the probe waited for the hosts, and no longer
 
 
 def test_the_training_and_eval_iterators_fail_the_same_way(tmp_path, no_network):
     common = dict(image_size=8, global_batch_size=8, local_device_count=1, data_dir=str(tmp_path))
-    with pytest.raises(ip.DatasetUnavailableError, match="tfds build mnist"):
+    with pytest.raises(tfds_source.DatasetUnavailableError, match="tfds build mnist"):
         ip.get_train_iterator(DATASET, "train", seed=0, **common)
-    with pytest.raises(ip.DatasetUnavailableError, match="tfds build mnist"):
+    with pytest.raises(tfds_source.DatasetUnavailableError, match="tfds build mnist"):
         ip.get_eval_iterator(DATASET, "test", **common)
 
 
 def test_missing_importlib_resources_is_one_clear_error(tmp_path, no_network, monkeypatch):
     """tfds 4.9.10 needs importlib_resources to prepare any dataset, and does not declare it."""
-    monkeypatch.setattr(ip, "_unreachable", lambda endpoints, timeout: [])  # "network is up"
+    monkeypatch.setattr(
+        tfds_source, "_unreachable", lambda endpoints, timeout: []
+    )  # "network is up"
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        ip.importlib.util,
+        tfds_source.importlib.util,
         "find_spec",
         lambda name, *a, **k: None if name == "importlib_resources" else find_spec(name, *a, **k),
     )
-    if not ip._tfds_undeclared_modules():
+    if not tfds_source._tfds_undeclared_modules():
         pytest.skip(f"tensorflow-datasets {tfds.__version__} does not import importlib_resources")
     with pytest.raises(ModuleNotFoundError) as err:
         _dataset_info(tmp_path)
@@ -133,11 +136,13 @@ def test_download_hosts_come_from_the_registered_checksums(monkeypatch):
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(name.upper(), raising=False)
     builder = tfds.builder(DATASET, data_dir="/nonexistent/tfds")
-    assert ip._download_endpoints(builder) == [HOST]
+    assert tfds_source._download_endpoints(builder) == [HOST]
     monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
-    assert ip._download_endpoints(builder) == [("proxy.example", 3128)]  # what a download uses
+    assert tfds_source._download_endpoints(builder) == [
+        ("proxy.example", 3128)
+    ]  # what a download uses
     monkeypatch.setenv("no_proxy", HOST[0])
-    assert ip._download_endpoints(builder) == [HOST]
+    assert tfds_source._download_endpoints(builder) == [HOST]
 
 
 def test_mocked_tfds_needs_no_network(tmp_path, no_network):
@@ -148,7 +153,7 @@ def test_mocked_tfds_needs_no_network(tmp_path, no_network):
 
 
 def test_download_false_is_the_not_prepared_error(tmp_path, no_network):
-    with pytest.raises(ip.DatasetUnavailableError) as err:
+    with pytest.raises(tfds_source.DatasetUnavailableError) as err:
         ip.get_dataset_info(
             DATASET,
             train_split="train",

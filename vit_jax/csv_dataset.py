@@ -20,8 +20,9 @@ This module owns:
 Folds depend on the CSV alone (not on which images decode), so a corrupt file never moves another
 row to another fold.
 
-It does not own batching, preprocessing or the per-process split (`vit_jax.input_pipeline`, where
-a CSV is the source `'csv:/path/train.csv'`), nor decoding (`vit_jax.image_folder`).
+It does not own batching or preprocessing (`vit_jax.input_pipeline`, where a CSV is the source
+`'csv:/path/train.csv'`), the per-process split (`vit_jax.indexed_sources`), nor decoding
+(`vit_jax.image_folder`).
 """
 
 from __future__ import annotations

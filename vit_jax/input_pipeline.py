@@ -1,18 +1,19 @@
-"""Training and evaluation data: sources, preprocessing, per-host split and device batching.
+"""Training and evaluation data: which source, preprocessing, per-host split and device batching.
 
 This module owns:
-- the four kinds of source a run can name: a tfds dataset (`'cifar10'`, with split slicing such
-  as `'train[:98%]'`), an image folder (`'folder:/path'` with `train/<class>/*` and
-  `test/<class>/*`), a CSV of per-image regression targets (`'csv:/path/train.csv'`, splits
-  'train' and 'validation': `vit_jax.csv_dataset`), and the embedded offline set
-  `'sklearn_digits'` (scikit-learn's 8×8 digits);
+- the names of the four kinds of source a run can name, and which module reads each: a tfds
+  dataset (`'cifar10'`, with split slicing such as `'train[:98%]'`: `vit_jax.tfds_source`), and,
+  addressable by index (`vit_jax.indexed_sources`), an image folder (`'folder:/path'` with
+  `train/<class>/*` and `test/<class>/*`), a CSV of per-image regression targets
+  (`'csv:/path/train.csv'`, splits 'train' and 'validation': `vit_jax.csv_dataset`), and the
+  embedded offline set `'sklearn_digits'` (scikit-learn's 8×8 digits);
 - preprocessing: Inception crop → resize → random flip for training, resize (or resize-small +
   centre crop) for evaluation; images in [-1, 1] float32;
 - the targets a batch carries (`targets`, one of `TARGET_KINDS`): 'one_hot' or 'multi_hot'
   `label` float32 [C] for class labels, or 'value': `target` float32 [T] (a CSV's target columns,
   or the numeric value of a class name such as '1' … '5') and, for a CSV with feature columns,
   `features` float32 [F];
-- the per-process slice of the data (each process reads its own disjoint part);
+- the training order over the processes (each process reads its own disjoint part);
 - batching for `pmap`: `[local_device_count, per_device, ...]`, evaluation padded with a `mask`
   so that every example is counted exactly once.
 
@@ -26,53 +27,37 @@ absolute stream position, so `start_step=k` reproduces an uninterrupted stream f
   files), shuffled with a buffer; resuming skips raw (undecoded) records. Their order depends on
   the process count.
 
-It does not own device placement (beyond the small `prefetch_to_device` helper), the training
-loop, or metrics, nor listing and decoding image files (`vit_jax.image_folder`: one decoder for
-folders, tfds images and `eval_image`). Image folders are validated once per process lifetime:
-every file is decoded once (lossless files TF reads twice: by TF and by Pillow, compared), which
-also decides whether TF's decoder or Pillow's path reads it; in a multi-process JAX run each
-process decodes its share of the files and the verdicts are all-gathered.
+It does not own reading the sources (`vit_jax.tfds_source`, `vit_jax.indexed_sources`, both
+handing over a `vit_jax.source.Source`), device placement (beyond the small `prefetch_to_device`
+helper), the training loop, or metrics, nor listing and decoding image files
+(`vit_jax.image_folder`: one decoder for folders, tfds images and `eval_image`).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
-import importlib.util
-import inspect
-import logging
 import math
 import os
-import socket
-import threading
-import time
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import numpy as np
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
-from vit_jax import csv_dataset, image_folder
+from vit_jax import csv_dataset, image_folder, indexed_sources, tfds_source
 from vit_jax.csv_dataset import CsvSpec
+from vit_jax.indexed_sources import DIGITS
+from vit_jax.source import Source
 
-DIGITS = "sklearn_digits"
 FOLDER_PREFIX = "folder:"
 CSV_PREFIX = "csv:"
 TARGET_KINDS = ("one_hot", "multi_hot", "value")
-FOLDER_SPLITS = ("train", "test")
 EVAL_CROPS = ("resize", "resize_small_crop")
-_DIGITS_TEST_FRACTION = 0.2
-_DIGITS_SPLIT_SEED = 0
 _CROP_AREA = (0.05, 1.0)
 _CROP_ASPECT = (3 / 4, 4 / 3)
-_SKIPPED_NAMES_SHOWN = 5
 # Parallel preprocessing calls of the training pipeline (fixed: see `_options`).
 _TRAIN_PARALLEL_CALLS = max(1, min(os.cpu_count() or 1, 64))
-_LOG = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
 
@@ -94,27 +79,6 @@ class DatasetInfo:
     target_names: tuple[str, ...] | None = None  # None: classification
     num_features: int = 0  # length of each example's `features` (a CSV's feature columns)
     target_stats: dict[str, tuple[float, ...]] | None = None  # None: classification
-
-
-@dataclasses.dataclass(frozen=True)
-class _Source:
-    """One split, already restricted to this process: raw elements and how to decode them."""
-
-    # Elements {'image': raw, 'label': int64 or int64[None]}, or (a CSV) {'image': raw,
-    # 'target': float32 [T], 'features': float32 [F] if F > 0}.
-    dataset: tf.data.Dataset
-    decode: Callable[[Any], tf.Tensor]  # raw image (tensor or ImageFiles of one file) → uint8
-    num_examples: int  # examples of this process
-    max_process_examples: int  # the most any process holds (eval pads every process to it)
-    num_classes: int  # 0 for a CSV
-    class_names: tuple[str, ...] | None
-    total_examples: int  # of the whole split, all processes
-    # The whole split (all processes) as (raw images or `ImageFiles`, the elements' other fields),
-    # when it is held in memory and so addressable by index: training then reads it in one global
-    # order.
-    arrays: tuple[np.ndarray | image_folder.ImageFiles, dict[str, np.ndarray]] | None = None
-    target_names: tuple[str, ...] | None = None  # a CSV's target columns (regression only)
-    num_features: int = 0
 
 
 class EvalBatches:
@@ -424,19 +388,6 @@ def _global_order(
     return ds.map(element, num_parallel_calls=_TRAIN_PARALLEL_CALLS)
 
 
-def _check_process(process_index: int, process_count: int) -> None:
-    if not 0 <= process_index < process_count:
-        raise ValueError(
-            f"process_index={process_index} is not in [0, process_count={process_count})."
-        )
-
-
-def _process_slice(n: int, process_index: int, process_count: int) -> tuple[int, int]:
-    """(own count, max count) for a strided split of n examples over processes."""
-    _check_process(process_index, process_count)
-    return len(range(process_index, n, process_count)), math.ceil(n / process_count)
-
-
 # ----------------------------------------------------------------------------------------------
 # Preprocessing (graph-mode, stateless).
 
@@ -495,7 +446,7 @@ def _encode_label(label: tf.Tensor, num_classes: int, multi_hot: bool) -> tf.Ten
     return tf.one_hot(label, num_classes, dtype=tf.float32)
 
 
-def _check_targets(dataset: str, source: _Source, targets: str) -> None:
+def _check_targets(dataset: str, source: Source, targets: str) -> None:
     """One clear error for a `targets` kind the source cannot give."""
     if targets not in TARGET_KINDS:
         raise ValueError(f"Unknown targets {targets!r}; valid values: {', '.join(TARGET_KINDS)}.")
@@ -513,7 +464,7 @@ def _check_targets(dataset: str, source: _Source, targets: str) -> None:
         csv_dataset.class_values(dataset, source.class_names)
 
 
-def _target_encoder(dataset: str, source: _Source, targets: str) -> Callable[[dict], dict]:
+def _target_encoder(dataset: str, source: Source, targets: str) -> Callable[[dict], dict]:
     """A raw element's label or target fields → the batch's target keys for `targets`."""
     _check_targets(dataset, source, targets)
     if source.target_names is not None:  # a CSV: its fields as they are
@@ -525,7 +476,7 @@ def _target_encoder(dataset: str, source: _Source, targets: str) -> Callable[[di
     return lambda ex: {"label": _encode_label(ex["label"], source.num_classes, multi_hot)}
 
 
-def _train_values(dataset: str, source: _Source) -> np.ndarray:
+def _train_values(dataset: str, source: Source) -> np.ndarray:
     """float [N, T]: the regression targets of a whole split (a tfds one read in one pass)."""
     if source.arrays is not None:
         fields = source.arrays[1]
@@ -552,16 +503,17 @@ def _load_source(
     download: bool = True,
     shuffle_seed: int | None = None,
     csv: CsvSpec | None = None,
-) -> _Source:
+) -> Source:
     if dataset == DIGITS:
-        return _digits_source(split, process_index, process_count)
+        return indexed_sources.digits_source(split, process_index, process_count)
     if dataset.startswith(FOLDER_PREFIX):
         root = dataset[len(FOLDER_PREFIX) :]
-        return _folder_source(root, split, process_index, process_count)
+        return indexed_sources.folder_source(root, split, process_index, process_count)
     if dataset.startswith(CSV_PREFIX):
         path = dataset[len(CSV_PREFIX) :]
-        return _csv_source(path, split, csv or CsvSpec(), process_index, process_count)
-    return _tfds_source(
+        spec = csv or CsvSpec()
+        return indexed_sources.csv_source(path, split, spec, process_index, process_count)
+    return tfds_source.load_source(
         dataset,
         split,
         process_index,
@@ -571,488 +523,6 @@ def _load_source(
         download=download,
         shuffle_seed=shuffle_seed,
     )
-
-
-def _from_arrays(
-    images: Any,
-    fields: dict[str, np.ndarray],
-    decode: Callable,
-    process_index: int,
-    process_count: int,
-    class_names: tuple[str, ...] | None,
-    target_names: tuple[str, ...] | None = None,
-) -> _Source:
-    """Strided per-process slice of in-memory images (or `ImageFiles`) and their fields.
-
-    `fields`: {'label': int64 [N]}, or a CSV's {'target': float32 [N, T], 'features' [N, F]}.
-    """
-    n = len(next(iter(fields.values())))
-    own, most = _process_slice(n, process_index, process_count)
-    own_part = slice(process_index, None, process_count)
-    own_images = tf.nest.map_structure(lambda array: array[own_part], images)
-    own_fields = {key: values[own_part] for key, values in fields.items()}
-    ds = tf.data.Dataset.from_tensor_slices({"image": own_images, **own_fields})
-    num_features = fields["features"].shape[1] if "features" in fields else 0
-    return _Source(
-        ds,
-        decode,
-        own,
-        most,
-        len(class_names or ()),
-        class_names,
-        n,
-        (images, fields),
-        target_names,
-        num_features,
-    )
-
-
-def _digits_source(split: str, process_index: int, process_count: int) -> _Source:
-    images, labels = _digits_split(split)
-    class_names = tuple(str(i) for i in range(10))
-    fields = {"label": labels}
-    return _from_arrays(images, fields, tf.identity, process_index, process_count, class_names)
-
-
-@functools.cache
-def _digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's 8×8 digits (0–16) as uint8 RGB 0–255, split 80/20 stratified, seeded."""
-    if split not in FOLDER_SPLITS:
-        raise ValueError(f"{DIGITS} has splits {FOLDER_SPLITS}, got {split!r}.")
-    from sklearn.datasets import load_digits  # only this source needs scikit-learn
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    images = np.repeat(images[..., None], 3, axis=-1)
-    labels = digits.target.astype(np.int64)
-    train_x, test_x, train_y, test_y = train_test_split(
-        images,
-        labels,
-        test_size=_DIGITS_TEST_FRACTION,
-        random_state=_DIGITS_SPLIT_SEED,
-        stratify=labels,
-    )
-    return (train_x, train_y) if split == "train" else (test_x, test_y)
-
-
-def _folder_source(root: str, split: str, process_index: int, process_count: int) -> _Source:
-    if split not in FOLDER_SPLITS:
-        raise ValueError(f"Image folder {root!r} has splits {FOLDER_SPLITS}, got {split!r}.")
-    class_names = _folder_classes(root)
-    paths, labels, tf_decodes = _scan_folder_split(
-        os.path.abspath(root), split, class_names, process_index, process_count
-    )
-    return _from_arrays(
-        image_folder.ImageFiles(np.array(paths), np.array(tf_decodes, bool)),
-        {"label": np.array(labels, np.int64)},
-        _decode_folder_file,
-        process_index,
-        process_count,
-        class_names,
-    )
-
-
-def _folder_classes(root: str) -> tuple[str, ...]:
-    """Sorted class folder names of `<root>/train`; errors name the path that is wrong."""
-    for split in FOLDER_SPLITS:
-        if not os.path.isdir(os.path.join(root, split)):
-            raise ValueError(
-                f"Image folder {root!r} has no '{split}/' directory at "
-                f"{os.path.join(root, split)!r}; expected {root}/train/<class>/* and "
-                f"{root}/test/<class>/*."
-            )
-    train_dir = os.path.join(root, "train")
-    entries = image_folder.scan_dir(train_dir)
-    names = sorted(e.name for e in entries if e.is_dir() and e.name[0] != ".")
-    if not names:
-        raise ValueError(f"Image folder {train_dir!r} has no class sub-directories.")
-    return tuple(names)
-
-
-@functools.cache
-def _scan_folder_split(
-    root: str,
-    split: str,
-    class_names: tuple[str, ...],
-    process_index: int = 0,
-    process_count: int = 1,
-) -> tuple[tuple[str, ...], tuple[int, ...], tuple[bool, ...]]:
-    """Readable image files, their labels and whether TF's decoder reads each (else Pillow).
-
-    Bad files are skipped and reported once. The same on every process (training reads the
-    split in one global order).
-    """
-    split_dir = os.path.join(root, split)
-    unknown = sorted(
-        e.name
-        for e in image_folder.scan_dir(split_dir)
-        if e.is_dir() and e.name[0] != "." and e.name not in class_names
-    )
-    if unknown:
-        raise ValueError(f"{split_dir!r} has classes not in train/: {unknown}.")
-    candidates = []
-    for label, name in enumerate(class_names):
-        class_dir = os.path.join(split_dir, name)
-        files = image_folder.list_files(class_dir)
-        if not files:
-            raise ValueError(f"Class folder {class_dir!r} is missing or has no files.")
-        candidates += [(path, label) for path in files]
-    verdicts = _readable([p for p, _ in candidates], process_index, process_count)
-    kept = [(*c, v) for c, v in zip(candidates, verdicts, strict=True) if v != _UNREADABLE]
-    skipped = [p for (p, _), v in zip(candidates, verdicts, strict=True) if v == _UNREADABLE]
-    if skipped:
-        _LOG.warning(
-            "Image folder %s: skipped %d unreadable or non-image file(s), e.g. %s",
-            split_dir,
-            len(skipped),
-            ", ".join(skipped[:_SKIPPED_NAMES_SHOWN]),
-        )
-    if not kept:
-        raise ValueError(f"Image folder {split_dir!r} has no readable images.")
-    present = {lab for _, lab, _ in kept}  # one pass: a folder may hold millions of files
-    for label, name in enumerate(class_names):
-        if label not in present:
-            class_dir = os.path.join(split_dir, name)
-            raise ValueError(f"Class folder {class_dir!r} has no readable images.")
-    paths, labels, verdicts = zip(*kept, strict=True)
-    return paths, labels, tuple(v == _TF_DECODES for v in verdicts)
-
-
-def _readable(paths: list[str], process_index: int, process_count: int) -> list[int]:
-    """Each file's verdict (`_is_readable_image`), decided by decoding it.
-
-    In a multi-process JAX run (`jax.process_count() == process_count > 1`), process i decodes
-    files i, i + n, … only and the verdicts are all-gathered, so a folder of millions of images
-    costs each host its share. Otherwise (one process, or processes simulated in one) all of them.
-    """
-    if process_count == 1 or not _in_multiprocess_run(process_count):
-        return _decode_check(paths)
-    from jax.experimental import multihost_utils  # only this path needs jax
-
-    own = _decode_check(paths[process_index::process_count])
-    width = math.ceil(len(paths) / process_count)
-    padded = np.zeros([width], np.uint8)
-    padded[: len(own)] = own
-    gathered = np.asarray(multihost_utils.process_allgather(padded))  # [process_count, width]
-    verdicts = [_UNREADABLE] * len(paths)
-    for index in range(process_count):
-        share = len(range(index, len(paths), process_count))
-        verdicts[index::process_count] = [int(v) for v in gathered[index, :share]]
-    return verdicts
-
-
-def _in_multiprocess_run(process_count: int) -> bool:
-    import jax
-
-    return jax.process_count() == process_count
-
-
-def _decode_check(paths: list[str]) -> list[int]:
-    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-        return list(pool.map(_is_readable_image, paths))
-
-
-# A file's verdict: not an image (skipped), read by TF's decoder, read by Pillow's path.
-_UNREADABLE, _TF_DECODES, _PILLOW_DECODES = 0, 1, 2
-
-
-def _is_readable_image(path: str) -> int:
-    """The file's verdict: `_UNREADABLE` (0, falsy) or which decoder reads it."""
-    try:
-        return _TF_DECODES if image_folder.tf_decodes(path) else _PILLOW_DECODES
-    except Exception:  # any decode failure means "skip this file"
-        return _UNREADABLE
-
-
-def _decode_folder_file(file: image_folder.ImageFiles) -> tf.Tensor:
-    return image_folder.decode_file(file.paths, file.tf_decodes)
-
-
-def _csv_source(
-    path: str, split: str, spec: CsvSpec, process_index: int, process_count: int
-) -> _Source:
-    """A CSV's split (`vit_jax.csv_dataset`): image files with 'target' (and 'features')."""
-    _check_process(process_index, process_count)
-    data = _csv_data(os.path.abspath(path), spec, process_index, process_count)
-    part = data.split(split)
-    fields = {"target": part.targets}
-    if part.features.shape[1]:
-        fields["features"] = part.features
-    images = image_folder.ImageFiles(part.paths, part.tf_decodes)
-    return _from_arrays(
-        images, fields, _decode_folder_file, process_index, process_count, None, spec.target_columns
-    )
-
-
-@functools.cache
-def _csv_data(
-    path: str, spec: CsvSpec, process_index: int, process_count: int
-) -> csv_dataset.CsvData:
-    """A CSV read and its images judged once per process lifetime, as image folders are."""
-
-    def decoders(paths: list[str]) -> list[bool | None]:
-        verdicts = _readable(paths, process_index, process_count)
-        return [None if v == _UNREADABLE else v == _TF_DECODES for v in verdicts]
-
-    return csv_dataset.load(path, spec, decoders)
-
-
-def _tfds_source(
-    name: str,
-    split: str,
-    process_index: int,
-    process_count: int,
-    *,
-    data_dir: str | None,
-    manual_dir: str | None,
-    download: bool,
-    shuffle_seed: int | None,
-) -> _Source:
-    """This process's even part of a tfds split, images left encoded until after skipping."""
-    _check_process(process_index, process_count)
-    own_split = split
-    if process_count > 1:
-        own_split = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
-    ds, info = _tfds_load(
-        name,
-        own_split,
-        data_dir=data_dir,
-        manual_dir=manual_dir,
-        download=download,
-        shuffle_seed=shuffle_seed,
-    )
-    own = _count(ds)
-    try:
-        total = info.splits[split].num_examples
-    except (KeyError, ValueError):  # tfds mock_data has no split info
-        total = own * process_count
-    label = info.features["label"]
-    label = getattr(label, "feature", label)  # Sequence(ClassLabel) for multi-label sets
-    names = tuple(label.names) if getattr(label, "names", None) else None
-    ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
-    return _Source(
-        ds,
-        image_folder.decode_encoded,
-        own,
-        max(own, math.ceil(total / process_count)),
-        label.num_classes,
-        names,
-        total,
-    )
-
-
-class DatasetUnavailableError(FileNotFoundError):
-    """A tfds dataset that is neither prepared in its data_dir nor preparable here and now."""
-
-
-# How long `_tfds_load` waits for the download hosts of an unprepared dataset to answer before
-# giving up (tfds's own downloader retries an unreachable host for minutes, silently).
-_PROBE_TIMEOUT_S = 10.0
-_PROBED_HOSTS_MAX = 8
-_DEFAULT_PORTS = {"https": 443, "http": 80, "ftp": 21}
-_TFDS_DEFAULT_DIR = "~/tensorflow_datasets"
-_TFDS_UNDECLARED = ("importlib_resources",)  # see `_tfds_undeclared_modules`
-# tfds's own code when `download_and_prepare` is the real one (`tfds.testing.mock_data` replaces
-# it with one that downloads nothing, so nothing needs the network then).
-_REAL_DOWNLOAD_AND_PREPARE = vars(tfds.core.DatasetBuilder)["download_and_prepare"]
-
-
-def _tfds_load(
-    name: str,
-    split: Any,
-    *,
-    data_dir: str | None,
-    manual_dir: str | None,
-    download: bool,
-    shuffle_seed: int | None,
-) -> tuple[tf.data.Dataset, Any]:
-    """tfds.load, with a failure to find or prepare the data turned into one clear error.
-
-    Before tfds downloads an unprepared dataset, its download hosts (from the dataset's
-    registered checksums) must answer within `_PROBE_TIMEOUT_S`: without network, the run
-    stops in seconds with `DatasetUnavailableError` saying how to prepare the data elsewhere,
-    instead of tfds's retries going on for minutes without a word.
-    """
-    try:
-        if download:
-            _check_can_prepare(name, data_dir=data_dir, manual_dir=manual_dir)
-        return tfds.load(
-            name,
-            split=split,
-            data_dir=data_dir,
-            download=download,
-            with_info=True,
-            shuffle_files=shuffle_seed is not None,
-            read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed),
-            decoders={"image": tfds.decode.SkipDecoding()},
-            download_and_prepare_kwargs={
-                "download_config": tfds.download.DownloadConfig(manual_dir=manual_dir)
-            },
-        )
-    except DatasetUnavailableError:
-        raise
-    except tfds.core.registered.DatasetNotFoundError as e:
-        raise ValueError(f"Unknown dataset {name!r}: {e}") from e
-    except ImportError as e:  # tfds imports some of its dependencies only when preparing
-        raise _missing_module_error(name, e.name or str(e)) from e
-    except Exception as e:
-        raise DatasetUnavailableError(
-            f"Could not load tfds dataset {name!r} (split {split!r}) from data_dir="
-            f"{_tfds_where(data_dir)}: {type(e).__name__}: {e}\n"
-            + _tfds_prepare_hint(name, data_dir, manual_dir)
-        ) from e
-
-
-def _check_can_prepare(name: str, *, data_dir: str | None, manual_dir: str | None) -> None:
-    """Nothing when `name` is prepared in data_dir or can be prepared now; else a clear error.
-
-    Checks, in this order, what a download needs: its hosts answer (`DatasetUnavailableError`
-    naming them), and tfds's undeclared dependencies are installed (`ModuleNotFoundError`).
-    """
-    builder = tfds.builder(name, data_dir=data_dir)
-    prepare = vars(tfds.core.DatasetBuilder)["download_and_prepare"]
-    if prepare is not _REAL_DOWNLOAD_AND_PREPARE or builder.is_prepared():
-        return
-    if builder.MANUAL_DOWNLOAD_INSTRUCTIONS is None:  # manual datasets read manual_dir instead
-        unreachable = _unreachable(_download_endpoints(builder), _PROBE_TIMEOUT_S)
-        if unreachable:
-            reasons = "; ".join(f"{host}:{port} ({why})" for (host, port), why in unreachable)
-            raise DatasetUnavailableError(
-                f"tfds dataset {name!r} is not prepared in data_dir={_tfds_where(data_dir)}, and "
-                f"it cannot be downloaded here: no network connection to its download host(s) "
-                f"within {_PROBE_TIMEOUT_S:g} s: {reasons}.\n"
-                + _tfds_prepare_hint(name, data_dir, manual_dir)
-            )
-    missing = _tfds_missing_modules()
-    if missing:
-        raise _missing_module_error(name, missing[0])
-
-
-def _download_endpoints(builder: Any) -> list[tuple[str, int]]:
-    """(host, port) to reach for the URLs of the builder's registered checksums, proxies applied.
-
-    Read from the checksums file next to the builder's code (or tfds's legacy `url_checksums/`
-    file) without tfds's `url_infos`, which needs `importlib_resources`. Empty when the dataset
-    registers no URLs.
-    """
-    candidates = [
-        os.path.join(os.path.dirname(tfds.__file__), "url_checksums", f"{builder.name}.txt")
-    ]
-    try:
-        code_dir = os.path.dirname(inspect.getfile(type(builder)))
-        candidates.insert(0, os.path.join(code_dir, "checksums.tsv"))
-    except (TypeError, OSError):  # a builder class defined outside a file
-        pass
-    urls = []
-    for path in candidates:
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                lines = [line.strip() for line in f]
-            urls = [line.split()[0] for line in lines if line and not line.startswith("#")]
-            break
-    proxies = urllib.request.getproxies()
-    endpoints: list[tuple[str, int]] = []
-    for url in urls:
-        parts = urllib.parse.urlsplit(url)
-        if not parts.hostname:
-            continue
-        proxy = proxies.get(parts.scheme)
-        if proxy and not urllib.request.proxy_bypass(parts.hostname):
-            parts = urllib.parse.urlsplit(proxy if "//" in proxy else f"http://{proxy}")
-        port = parts.port or _DEFAULT_PORTS.get(parts.scheme, 443)
-        if parts.hostname and (parts.hostname, port) not in endpoints:
-            endpoints.append((parts.hostname, port))
-    return endpoints[:_PROBED_HOSTS_MAX]
-
-
-def _unreachable(
-    endpoints: list[tuple[str, int]], timeout: float
-) -> list[tuple[tuple[str, int], str]]:
-    """The endpoints that do not accept a TCP connection within `timeout` s, with the reason.
-
-    Probed in parallel daemon threads and waited for at most `timeout` s in all, name lookup
-    included (a resolver without network can block longer than a socket timeout covers).
-    """
-    results: dict[tuple[str, int], str | None] = {}
-
-    def probe(endpoint: tuple[str, int]) -> None:
-        try:
-            socket.create_connection(endpoint, timeout=timeout).close()
-        except Exception as e:  # any failure means "not reachable"
-            results[endpoint] = f"{type(e).__name__}: {e}"
-        else:
-            results[endpoint] = None
-
-    threads = [threading.Thread(target=probe, args=(e,), daemon=True) for e in endpoints]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + timeout
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    answers = dict(results)  # threads still running may write later
-    unreachable = []
-    for endpoint in endpoints:
-        if endpoint not in answers:
-            unreachable.append((endpoint, f"no answer within {timeout:g} s"))
-        elif answers[endpoint] is not None:
-            unreachable.append((endpoint, answers[endpoint]))
-    return unreachable
-
-
-def _tfds_undeclared_modules() -> list[str]:
-    """Modules the installed tfds imports when preparing a dataset without declaring them.
-
-    tensorflow-datasets 4.9.10 imports `importlib_resources` (lazily, in its dataset builder)
-    on every Python version, but requires it only for Python < 3.9.
-    """
-    from tensorflow_datasets.core import dataset_builder
-
-    return [m for m in _TFDS_UNDECLARED if m in vars(dataset_builder)]
-
-
-def _tfds_missing_modules() -> list[str]:
-    """`_tfds_undeclared_modules` that are not installed here."""
-    return [m for m in _tfds_undeclared_modules() if importlib.util.find_spec(m) is None]
-
-
-def _missing_module_error(name: str, module: str) -> ModuleNotFoundError:
-    """The error for a module that preparing `name` needs, with the `pip install` that fixes it."""
-    why = (
-        f", which tensorflow-datasets {tfds.__version__} imports without declaring it"
-        if module in _TFDS_UNDECLARED
-        else ", which is not installed"
-    )
-    return ModuleNotFoundError(
-        f"Preparing tfds dataset {name!r} needs the Python module {module!r}{why}. Install it "
-        f"(`pip install {module}`) and run again.",
-        name=module,
-    )
-
-
-def _tfds_where(data_dir: str | None) -> str:
-    return data_dir or f"the tfds default ({_TFDS_DEFAULT_DIR} or $TFDS_DATA_DIR)"
-
-
-def _tfds_prepare_hint(name: str, data_dir: str | None, manual_dir: str | None) -> str:
-    """How to prepare `name` offline: build it where there is network, copy the data_dir."""
-    dir_flag = f" --data_dir={data_dir}" if data_dir else ""
-    manual = f" --manual_dir={manual_dir}" if manual_dir else ""
-    target = data_dir or _TFDS_DEFAULT_DIR
-    undeclared = _tfds_undeclared_modules()
-    first = f" (after `pip install {' '.join(undeclared)}`)" if undeclared else ""
-    return (
-        f"Prepare it on a machine with network access: `tfds build {name}{dir_flag}{manual}`"
-        f"{first}, then copy that data_dir ({target}) here and point the run at it with "
-        "--config.data_dir=<the copied directory>."
-    )
-
-
-def _count(ds: tf.data.Dataset) -> int:
-    n = int(ds.cardinality())
-    if n >= 0:
-        return n
-    return int(ds.reduce(np.int64(0), lambda count, _: count + 1))
 
 
 # ----------------------------------------------------------------------------------------------

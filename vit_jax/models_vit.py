@@ -1,7 +1,8 @@
 """The Vision Transformer (Flax linen), parameter-compatible with the released checkpoints.
 
 This module owns the ViT forward pass and its speed/memory options. It does not own the model
-sizes (see `vit_jax.models`) or the checkpoint format (see `vit_jax.checkpoint`).
+sizes (see `vit_jax.models`), the checkpoint format (see `vit_jax.checkpoint`) or the rounded
+matmuls of `matmul_dtype` (see `vit_jax.matmul_precision`).
 
 The parameter tree is the original's, name for name and shape for shape. The options the
 original lacks (`dtype`, `matmul_dtype`, `attention_impl`, `remat_policy`, `scan`,
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from vit_jax import model_heads, models_resnet, stochastic_depth
+from vit_jax.matmul_precision import rounded_dot_general
 
 CLASSIFIERS = ("token", "gap", "unpooled", "token_unpooled")
 # 'flax' is the original's attention (flax.linen.dot_product_attention); the others call
@@ -99,100 +101,6 @@ def _float_dtype(value: Any) -> jnp.dtype | None:
     except TypeError:
         return None
     return dtype if jnp.issubdtype(dtype, jnp.floating) else None
-
-
-def rounded_dot_general(dtype: Any) -> Callable[..., jax.Array]:
-    """A `dot_general` for Flax layers whose matmuls run on `dtype` operands (e.g. bfloat16).
-
-    The forward matmul rounds both operands to `dtype` and returns the result in the usual
-    dtype (float32 for float32 inputs), accumulated in float32. Its backward pass rounds the
-    incoming gradient to `dtype` too, so the input- and weight-gradient matmuls also run on
-    `dtype` operands, again with float32 results. Everything outside the matmuls (LayerNorm,
-    softmax, GELU, residuals) stays in the compute dtype. `precision` is not used: the rounding
-    is the precision.
-    """
-    dtype = jnp.dtype(dtype)
-
-    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-        del precision
-        out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs, rhs))
-        (lc, rc), (lb, rb) = dimension_numbers
-        dims = ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))  # hashable, for custom_vjp
-        return _rounded_dot(lhs, rhs, dims, (dtype, out_dtype, lhs.dtype, rhs.dtype))
-
-    return dot_general
-
-
-def _product(a, b, a_contract, b_contract, a_batch, b_batch, out_dtype):
-    """`dot_general(a, b)` of rounded operands, accumulated in `out_dtype`.
-
-    The result's axes are the usual ones: batch, the free axes of `a`, the free axes of `b`.
-    XLA:CPU multiplies bfloat16 operands into float32 fast (and at all) only when they are laid
-    out as (batch, free, contracting) on the left and (batch, contracting, free) or (batch,
-    free, contracting) on the right. Any other layout (a weight gradient, which contracts the
-    token axis; Flax's attention einsums, whose batch axes are not leading) is multiplied in
-    float32: the rounded values convert exactly, so it is the same product at float32 speed.
-    """
-    a_free = _free_axes(a.ndim, a_contract, a_batch)
-    b_free = _free_axes(b.ndim, b_contract, b_batch)
-    b_rest = list(range(len(b_batch), b.ndim))
-    canonical = (
-        [*a_batch, *a_free, *a_contract] == list(range(a.ndim))
-        and list(b_batch) == list(range(len(b_batch)))
-        and b_rest in ([*b_contract, *b_free], [*b_free, *b_contract])
-        and list(b_contract) == sorted(b_contract)
-    )
-    if not canonical:
-        a, b = a.astype(out_dtype), b.astype(out_dtype)
-    dims = ((tuple(a_contract), tuple(b_contract)), (tuple(a_batch), tuple(b_batch)))
-    return jax.lax.dot_general(a, b, dims, preferred_element_type=out_dtype)
-
-
-def _free_axes(ndim: int, contract: tuple, batch: tuple) -> list[int]:
-    return [d for d in range(ndim) if d not in contract and d not in batch]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _rounded_dot(lhs, rhs, dims, dtypes):
-    """dtypes: (the rounding dtype, the result's, lhs's, rhs's)."""
-    return _rounded_dot_fwd(lhs, rhs, dims, dtypes)[0]
-
-
-def _rounded_dot_fwd(lhs, rhs, dims, dtypes):
-    dtype, out_dtype, _, _ = dtypes
-    lhs_rounded, rhs_rounded = lhs.astype(dtype), rhs.astype(dtype)
-    (lc, rc), (lb, rb) = dims
-    out = _product(lhs_rounded, rhs_rounded, lc, rc, lb, rb, out_dtype)
-    return out, (lhs_rounded, rhs_rounded)
-
-
-def _rounded_dot_bwd(dims, dtypes, residuals, grad):
-    """The two gradient matmuls, each with the rounded gradient as the left operand.
-
-    The output's axes are (batch, lhs free, rhs free). d_lhs contracts the gradient's rhs-free
-    axes with rhs's free axes, leaving (batch, lhs free, rhs contracting) — rhs's contracting
-    axes pair with lhs's — which is then permuted into lhs's axis order; d_rhs likewise.
-    """
-    dtype, _, lhs_dtype, rhs_dtype = dtypes
-    lhs, rhs = residuals
-    (lc, rc), (lb, rb) = dims
-    grad = grad.astype(dtype)
-    lf, rf = _free_axes(lhs.ndim, lc, lb), _free_axes(rhs.ndim, rc, rb)
-    batch = tuple(range(len(lb)))
-    lhs_free_in_out = tuple(range(len(lb), len(lb) + len(lf)))
-    rhs_free_in_out = tuple(range(len(lb) + len(lf), grad.ndim))
-
-    d_lhs = _product(grad, rhs, rhs_free_in_out, rf, batch, rb, lhs_dtype)
-    lhs_axes = [*lb, *lf, *(lc[rc.index(r)] for r in sorted(rc))]  # the axes d_lhs has
-    d_rhs = _product(grad, lhs, lhs_free_in_out, lf, batch, lb, rhs_dtype)
-    rhs_axes = [*rb, *rf, *(rc[lc.index(a)] for a in sorted(lc))]
-    return (
-        jnp.transpose(d_lhs, sorted(range(lhs.ndim), key=lhs_axes.__getitem__)),
-        jnp.transpose(d_rhs, sorted(range(rhs.ndim), key=rhs_axes.__getitem__)),
-    )
-
-
-_rounded_dot.defvjp(_rounded_dot_fwd, _rounded_dot_bwd)
 
 
 def fused_attention_fn(implementation: str | None) -> Callable[..., jax.Array]:

@@ -8,7 +8,8 @@ the class count comes from the checkpoint's head, `pre_logits` from the checkpoi
 resolution from its position table), the jitted forward pass in fixed-size padded batches
 (`Predictor`, one compilation per batch shape), top-k classification of image files with one
 error per unreadable file (`classify`), labels files, and the command line (`main`). It does not
-own the checkpoint format (`vit_jax.checkpoint`), the models (`vit_jax.models`) or the
+own the checkpoint format (`vit_jax.checkpoint`), what the checkpoint's shapes say (class count,
+patch grid, resolution: `vit_jax.checkpoint_geometry`), the models (`vit_jax.models`) or the
 preprocessing, which is the training pipeline's evaluation preprocessing
 (`input_pipeline.eval_image`: resize, or resize-small + centre crop, to [-1, 1]).
 
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -40,7 +40,14 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from vit_jax import checkpoint, input_pipeline, models, models_mixer, models_vit, predict_regression
+from vit_jax import (
+    checkpoint,
+    checkpoint_geometry,
+    input_pipeline,
+    models,
+    models_vit,
+    predict_regression,
+)
 
 PARAMS_FILE = checkpoint.PARAMS_FILE  # what a training workdir (or each phase of one) holds
 IMAGENET1K_LABELS_URL = "https://storage.googleapis.com/bit_models/ilsvrc2012_wordnet_lemmas.txt"
@@ -66,51 +73,6 @@ def resolve_checkpoint(path: str | os.PathLike) -> str:
 def load_params(path: str | os.PathLike) -> Params:
     """`checkpoint.load` of `resolve_checkpoint(path)` (its errors are the clear ones)."""
     return checkpoint.load(resolve_checkpoint(path))
-
-
-def head_size(params: Mapping[str, Any]) -> int:
-    """Number of classes of the checkpoint's `head`; an error for a head-less checkpoint."""
-    head = params.get("head")
-    if not isinstance(head, Mapping) or "kernel" not in head:
-        raise checkpoint.CheckpointError(
-            "The checkpoint has no classification head (`head/kernel`): it holds features only "
-            f"(top-level keys: {sorted(params)}). Prediction needs a checkpoint with a head, "
-            "e.g. a fine-tuned one or an ImageNet-21k pretrained one."
-        )
-    return int(np.shape(head["kernel"])[-1])
-
-
-def infer_image_size(
-    params: Mapping[str, Any],
-    model: nn.Module,
-    *,
-    grid_shape: Sequence[int] | None = None,
-) -> int:
-    """The square input resolution the checkpoint was trained at.
-
-    ViT: the position table's grid (rows without the class row when the checkpoint has `cls`)
-    × patch size × the hybrid stem's stride. Mixer: the token-mixing width (= number of patches)
-    × patch size. Only array shapes are read, so `jax.eval_shape` trees work too. A grid that
-    no square image gives needs `grid_shape=(rows, cols)` (a checkpoint does not record it),
-    and the image it gives must be square; otherwise the error says which options to pass.
-    """
-    rows, cols = _checkpoint_grid(params, model, grid_shape)
-    (patch_h, patch_w), stride = _patch_and_stride(model)
-    height, width = rows * patch_h * stride, cols * patch_w * stride
-    if height != width:
-        fixed = (
-            " (a Mixer's token mixing fixes its number of patches, so only a resolution with "
-            f"{rows * cols} patches fits it)"
-            if isinstance(model, models_mixer.MlpMixer)
-            else ""
-        )
-        raise checkpoint.CheckpointError(
-            f"The checkpoint's {rows}×{cols} grid of {patch_h}×{patch_w} px patches (stem stride "
-            f"{stride}) is a {height}×{width} px image, not a square one; prediction uses "
-            f"square images, so pass the resolution to predict at (--image_size / "
-            f"image_size=){fixed}."
-        )
-    return height
 
 
 def load_for_prediction(
@@ -142,10 +104,10 @@ def prepare_for_prediction(
 
     `num_classes` comes from the checkpoint's head and, for a ViT, `representation_size` from
     its `pre_logits` (released ImageNet-21k files have one, fine-tuned ones do not), unless
-    given in `overrides`. The resolution is the checkpoint's (`infer_image_size`) unless
-    `image_size` is given, in which case the position table is resampled to the new grid as
-    fine-tuning does. Anything else that differs from the model fails with one error listing
-    every missing, extra and mis-shaped parameter.
+    given in `overrides`. The resolution is the checkpoint's
+    (`checkpoint_geometry.infer_image_size`) unless `image_size` is given, in which case the
+    position table is resampled to the new grid as fine-tuning does. Anything else that differs
+    from the model fails with one error listing every missing, extra and mis-shaped parameter.
 
     `checkpoint_grid_shape=(rows, cols)` is the patch grid the checkpoint was trained at; it is
     needed only when its position table is not a square grid (on the command line of
@@ -154,7 +116,7 @@ def prepare_for_prediction(
     per-image features a regression head also reads (its `task.json` says).
     """
     params = dict(params)
-    kwargs: dict[str, Any] = {"num_classes": head_size(params)}
+    kwargs: dict[str, Any] = {"num_classes": checkpoint_geometry.head_size(params)}
     head_hidden = params.get("head_hidden")
     if isinstance(head_hidden, Mapping) and "kernel" in head_hidden:  # an MLP head
         kwargs["head_hidden_size"] = int(np.shape(head_hidden["kernel"])[-1])
@@ -175,11 +137,11 @@ def prepare_for_prediction(
     is_vit = isinstance(model, models_vit.VisionTransformer)
     old_grid = None  # a Mixer at a given image_size needs none: its shapes must match as they are
     if is_vit or image_size is None:
-        old_grid = _checkpoint_grid(
+        old_grid = checkpoint_geometry.checkpoint_grid(
             params, model, checkpoint_grid_shape, image_size_given=image_size is not None
         )
     if image_size is None:
-        size = infer_image_size(params, model, grid_shape=old_grid)
+        size = checkpoint_geometry.infer_image_size(params, model, grid_shape=old_grid)
     else:
         size = int(image_size)
     if size <= 0:
@@ -195,10 +157,10 @@ def prepare_for_prediction(
     if checkpoint.is_scanned(shapes):
         shapes = checkpoint.unscan_params(shapes)
     if is_vit:
-        (patch_h, patch_w), stride = _patch_and_stride(model)
+        (patch_h, patch_w), stride = checkpoint_geometry.patch_and_stride(model)
         new_grid = (size // (patch_h * stride), size // (patch_w * stride))
         if new_grid != old_grid:
-            params = _resample_position_table(params, shapes, old_grid, new_grid)
+            params = checkpoint_geometry.resample_position_table(params, shapes, old_grid, new_grid)
     try:
         params = checkpoint.inspect_params(params=params, expected=shapes)
     except checkpoint.CheckpointError as e:
@@ -524,7 +486,9 @@ def _setup(
         if getattr(args, flag) and not regression:
             raise ValueError(f"--{flag} applies to regression checkpoints; this one classifies.")
     params = load_params(args.checkpoint)
-    labels = read_labels(args.labels, head_size(params)) if args.labels else None
+    labels = (
+        read_labels(args.labels, checkpoint_geometry.head_size(params)) if args.labels else None
+    )
     model, params, image_size = prepare_for_prediction(
         params,
         args.model,
@@ -534,107 +498,6 @@ def _setup(
     )
     batch_size = min(args.batch_size, len(args.images))
     return Predictor(model, params, batch_size), image_size, labels, info
-
-
-# ----------------------------------------------------------------------------------------------
-# Helpers.
-
-
-def _shape(params: Mapping[str, Any], path: tuple[str, ...]) -> tuple[int, ...]:
-    node: Any = params
-    for part in path:
-        if not isinstance(node, Mapping) or part not in node:
-            raise checkpoint.CheckpointError(
-                f"The checkpoint has no {'/'.join(path)}; is it a checkpoint of this model "
-                f"family? (top-level keys: {sorted(params)})"
-            )
-        node = node[part]
-    return tuple(np.shape(node))
-
-
-def _patch_and_stride(model: nn.Module) -> tuple[tuple[int, int], int]:
-    """((patch rows, patch cols) in px, the hybrid stem's stride) of a ViT or Mixer."""
-    if isinstance(model, models_mixer.MlpMixer):
-        patch_h, patch_w = (int(d) for d in model.patches["size"])
-        return (patch_h, patch_w), 1
-    patch_h, patch_w = model.patch_size
-    return (int(patch_h), int(patch_w)), models_vit.stem_stride(model.resnet)
-
-
-def _checkpoint_grid(
-    params: Mapping[str, Any],
-    model: nn.Module,
-    grid_shape: Sequence[int] | None = None,
-    *,
-    image_size_given: bool = False,
-) -> tuple[int, int]:
-    """(rows, cols) of the checkpoint's patch grid: `grid_shape` (checked), or else the grid
-    of a square image (the square grid for square patches).
-
-    Any other token count has several grids (6: 1×6, 2×3, 3×2, 6×1) and a checkpoint does not
-    say which; the error then names the option that does.
-    """
-    if isinstance(model, models_mixer.MlpMixer):
-        tokens = _shape(params, ("MixerBlock_0", "token_mixing", "Dense_0", "kernel"))[0]
-        what = "Mixer token-mixing"
-    else:
-        tokens = _shape(params, ("Transformer", "posembed_input", "pos_embedding"))[1]
-        tokens -= int("cls" in params)
-        what = "position"
-    option = "checkpoint_grid_shape=(rows, cols)"
-    flag = "--overrides='{\"checkpoint_grid_shape\": [rows, cols]}'"
-    if grid_shape is not None:
-        dims = tuple(grid_shape)
-        integers = all(isinstance(d, int | np.integer) and not isinstance(d, bool) for d in dims)
-        if len(dims) != 2 or not integers or min(dims) <= 0:
-            raise ValueError(f"{option} must be two positive integers, got {grid_shape!r}.")
-        rows, cols = int(dims[0]), int(dims[1])
-        if rows * cols != tokens:
-            raise checkpoint.CheckpointError(
-                f"checkpoint_grid_shape={(rows, cols)} has {rows * cols} cells, but the "
-                f"checkpoint's {what} table has {tokens} grid tokens (class row excluded)."
-            )
-        return rows, cols
-    # The grid of a square image: rows × patch_h = cols × patch_w, rows × cols = tokens.
-    (patch_h, patch_w), _ = _patch_and_stride(model)
-    rows = math.isqrt(tokens * patch_w // patch_h)
-    if rows and rows * rows * patch_h == tokens * patch_w and tokens % rows == 0:
-        return rows, tokens // rows
-    grids = [f"{r}×{tokens // r}" for r in range(1, tokens + 1) if tokens % r == 0]
-    shown = ", ".join(grids[:8]) + (", ..." if len(grids) > 8 else "")
-    size = ", and the square resolution to predict at (--image_size / image_size=)"
-    size = "" if image_size_given else size
-    raise checkpoint.CheckpointError(
-        f"The checkpoint's {what} table has {tokens} grid tokens (class row excluded), which is "
-        f"not the grid of a square image of {patch_h}×{patch_w} px patches, and a checkpoint "
-        f"does not record its grid ({shown} all have {tokens}). Pass the grid it was trained "
-        f"at as {option} (command line: {flag}){size}."
-    )
-
-
-def _resample_position_table(
-    params: Params,
-    expected: Mapping[str, Any],
-    old_grid: tuple[int, int],
-    new_grid: tuple[int, int],
-) -> Params:
-    """The position table resampled from `old_grid` to the grid of `expected`, `new_grid`.
-
-    As fine-tuning does (`checkpoint.interpolate_posembed`); both grids are (rows, cols).
-    """
-    old = params["Transformer"]["posembed_input"]["pos_embedding"]
-    new_shape = expected["Transformer"]["posembed_input"]["pos_embedding"].shape
-    resampled = checkpoint.interpolate_posembed(
-        old,
-        new_shape[1],
-        "cls" in params,
-        new_has_class_token="cls" in expected,
-        old_grid_shape=old_grid,
-        new_grid_shape=new_grid,
-    )
-    transformer = dict(params["Transformer"])
-    transformer["posembed_input"] = {**transformer["posembed_input"], "pos_embedding": resampled}
-    return {**params, "Transformer": transformer}
 
 
 if __name__ == "__main__":

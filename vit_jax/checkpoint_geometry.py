@@ -1,0 +1,165 @@
+"""What a checkpoint's array shapes say about the model it was trained as.
+
+This module owns reading a checkpoint's geometry from its shapes alone (so `jax.eval_shape`
+trees work too): the class count of its head (`head_size`), its patch grid (`checkpoint_grid`:
+the position table's, or a Mixer's token-mixing width), the input resolution that grid and the
+model's patches give (`infer_image_size`), and resampling the position table to another grid
+(`resample_position_table`, as fine-tuning does). `vit_jax.predict` uses them to fit a
+checkpoint to a zoo model. It does not own the checkpoint format or the resampling itself
+(`vit_jax.checkpoint`), nor the models (`vit_jax.models_vit`, `vit_jax.models_mixer`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import numpy as np
+
+from vit_jax import checkpoint, models_mixer, models_vit
+
+Params = dict[str, Any]
+
+
+def head_size(params: Mapping[str, Any]) -> int:
+    """Number of classes of the checkpoint's `head`; an error for a head-less checkpoint."""
+    head = params.get("head")
+    if not isinstance(head, Mapping) or "kernel" not in head:
+        raise checkpoint.CheckpointError(
+            "The checkpoint has no classification head (`head/kernel`): it holds features only "
+            f"(top-level keys: {sorted(params)}). Prediction needs a checkpoint with a head, "
+            "e.g. a fine-tuned one or an ImageNet-21k pretrained one."
+        )
+    return int(np.shape(head["kernel"])[-1])
+
+
+def infer_image_size(
+    params: Mapping[str, Any],
+    model: nn.Module,
+    *,
+    grid_shape: Sequence[int] | None = None,
+) -> int:
+    """The square input resolution the checkpoint was trained at.
+
+    ViT: the position table's grid (rows without the class row when the checkpoint has `cls`)
+    × patch size × the hybrid stem's stride. Mixer: the token-mixing width (= number of patches)
+    × patch size. Only array shapes are read, so `jax.eval_shape` trees work too. A grid that
+    no square image gives needs `grid_shape=(rows, cols)` (a checkpoint does not record it),
+    and the image it gives must be square; otherwise the error says which options to pass.
+    """
+    rows, cols = checkpoint_grid(params, model, grid_shape)
+    (patch_h, patch_w), stride = patch_and_stride(model)
+    height, width = rows * patch_h * stride, cols * patch_w * stride
+    if height != width:
+        fixed = (
+            " (a Mixer's token mixing fixes its number of patches, so only a resolution with "
+            f"{rows * cols} patches fits it)"
+            if isinstance(model, models_mixer.MlpMixer)
+            else ""
+        )
+        raise checkpoint.CheckpointError(
+            f"The checkpoint's {rows}×{cols} grid of {patch_h}×{patch_w} px patches (stem stride "
+            f"{stride}) is a {height}×{width} px image, not a square one; prediction uses "
+            f"square images, so pass the resolution to predict at (--image_size / "
+            f"image_size=){fixed}."
+        )
+    return height
+
+
+def _shape(params: Mapping[str, Any], path: tuple[str, ...]) -> tuple[int, ...]:
+    node: Any = params
+    for part in path:
+        if not isinstance(node, Mapping) or part not in node:
+            raise checkpoint.CheckpointError(
+                f"The checkpoint has no {'/'.join(path)}; is it a checkpoint of this model "
+                f"family? (top-level keys: {sorted(params)})"
+            )
+        node = node[part]
+    return tuple(np.shape(node))
+
+
+def patch_and_stride(model: nn.Module) -> tuple[tuple[int, int], int]:
+    """((patch rows, patch cols) in px, the hybrid stem's stride) of a ViT or Mixer."""
+    if isinstance(model, models_mixer.MlpMixer):
+        patch_h, patch_w = (int(d) for d in model.patches["size"])
+        return (patch_h, patch_w), 1
+    patch_h, patch_w = model.patch_size
+    return (int(patch_h), int(patch_w)), models_vit.stem_stride(model.resnet)
+
+
+def checkpoint_grid(
+    params: Mapping[str, Any],
+    model: nn.Module,
+    grid_shape: Sequence[int] | None = None,
+    *,
+    image_size_given: bool = False,
+) -> tuple[int, int]:
+    """(rows, cols) of the checkpoint's patch grid: `grid_shape` (checked), or else the grid
+    of a square image (the square grid for square patches).
+
+    Any other token count has several grids (6: 1×6, 2×3, 3×2, 6×1) and a checkpoint does not
+    say which; the error then names the option that does.
+    """
+    if isinstance(model, models_mixer.MlpMixer):
+        tokens = _shape(params, ("MixerBlock_0", "token_mixing", "Dense_0", "kernel"))[0]
+        what = "Mixer token-mixing"
+    else:
+        tokens = _shape(params, ("Transformer", "posembed_input", "pos_embedding"))[1]
+        tokens -= int("cls" in params)
+        what = "position"
+    option = "checkpoint_grid_shape=(rows, cols)"
+    flag = "--overrides='{\"checkpoint_grid_shape\": [rows, cols]}'"
+    if grid_shape is not None:
+        dims = tuple(grid_shape)
+        integers = all(isinstance(d, int | np.integer) and not isinstance(d, bool) for d in dims)
+        if len(dims) != 2 or not integers or min(dims) <= 0:
+            raise ValueError(f"{option} must be two positive integers, got {grid_shape!r}.")
+        rows, cols = int(dims[0]), int(dims[1])
+        if rows * cols != tokens:
+            raise checkpoint.CheckpointError(
+                f"checkpoint_grid_shape={(rows, cols)} has {rows * cols} cells, but the "
+                f"checkpoint's {what} table has {tokens} grid tokens (class row excluded)."
+            )
+        return rows, cols
+    # The grid of a square image: rows × patch_h = cols × patch_w, rows × cols = tokens.
+    (patch_h, patch_w), _ = patch_and_stride(model)
+    rows = math.isqrt(tokens * patch_w // patch_h)
+    if rows and rows * rows * patch_h == tokens * patch_w and tokens % rows == 0:
+        return rows, tokens // rows
+    grids = [f"{r}×{tokens // r}" for r in range(1, tokens + 1) if tokens % r == 0]
+    shown = ", ".join(grids[:8]) + (", ..." if len(grids) > 8 else "")
+    size = ", and the square resolution to predict at (--image_size / image_size=)"
+    size = "" if image_size_given else size
+    raise checkpoint.CheckpointError(
+        f"The checkpoint's {what} table has {tokens} grid tokens (class row excluded), which is "
+        f"not the grid of a square image of {patch_h}×{patch_w} px patches, and a checkpoint "
+        f"does not record its grid ({shown} all have {tokens}). Pass the grid it was trained "
+        f"at as {option} (command line: {flag}){size}."
+    )
+
+
+def resample_position_table(
+    params: Params,
+    expected: Mapping[str, Any],
+    old_grid: tuple[int, int],
+    new_grid: tuple[int, int],
+) -> Params:
+    """The position table resampled from `old_grid` to the grid of `expected`, `new_grid`.
+
+    As fine-tuning does (`checkpoint.interpolate_posembed`); both grids are (rows, cols).
+    """
+    old = params["Transformer"]["posembed_input"]["pos_embedding"]
+    new_shape = expected["Transformer"]["posembed_input"]["pos_embedding"].shape
+    resampled = checkpoint.interpolate_posembed(
+        old,
+        new_shape[1],
+        "cls" in params,
+        new_has_class_token="cls" in expected,
+        old_grid_shape=old_grid,
+        new_grid_shape=new_grid,
+    )
+    transformer = dict(params["Transformer"])
+    transformer["posembed_input"] = {**transformer["posembed_input"], "pos_embedding": resampled}
+    return {**params, "Transformer": transformer}
