@@ -16,6 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# On the PYTHONPATH of multi-process launches: its sitecustomize.py lets every process write
+# its compiled programs to the compilation cache (JAX writes from process 0 only).
+MULTIPROCESS_SITE = Path(__file__).resolve().parent / "_multiprocess_site"
 WAIT_SECONDS = 240  # the longest any test command may take
 
 
@@ -112,13 +115,15 @@ def process_group(
     devices: int,
     heartbeat_timeout_seconds: int,
 ) -> list[TrainCommand]:
-    """One command per process of a multi-process run on 127.0.0.1 (not started)."""
+    """One command per process of a multi-process run on 127.0.0.1 (not started).
+
+    Their PYTHONPATH starts with MULTIPROCESS_SITE, so a rerun compiles nothing again."""
     cluster = [
         f"--coordinator_address=127.0.0.1:{free_port()}",
         f"--num_processes={processes}",
         f"--heartbeat_timeout_seconds={heartbeat_timeout_seconds}",
     ]
-    return [
+    group = [
         TrainCommand(
             config_file,
             workdir,
@@ -128,3 +133,8 @@ def process_group(
         )
         for index in range(processes)
     ]
+    for command in group:
+        command.env["PYTHONPATH"] = os.pathsep.join(
+            [str(MULTIPROCESS_SITE), command.env["PYTHONPATH"]]
+        )
+    return group
