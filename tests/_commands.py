@@ -20,18 +20,19 @@ REPO = Path(__file__).resolve().parent.parent
 # its compiled programs to the compilation cache (JAX writes from process 0 only).
 MULTIPROCESS_SITE = Path(__file__).resolve().parent / "_multiprocess_site"
 WAIT_SECONDS = 240  # the longest any test command may take
-# For the training launches: XLA without LLVM's optimisation passes. Their tiny models run a few
-# dozen steps, and compiling is most of a cold launch (the two-phase run: 52 s → 23 s, with the
-# same printed metrics). Not for the in-process tests: there it slowed test_learns' 1000 steps.
+# For the subprocesses: XLA without LLVM's optimisation passes. Their tiny models run a few dozen
+# steps, and compiling is most of a cold launch (the two-phase run: 52 s → 23 s, with the same
+# printed metrics). Not for the in-process tests: there it slowed test_learns' 1000 steps.
 FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 
 
 def subprocess_env(devices: int) -> dict[str, str]:
     """The environment for a Python subprocess of the tests: CPU only, `devices` fake devices,
-    the repository importable (and the compilation cache of conftest.py, inherited)."""
+    FAST_COMPILE_FLAG, the repository importable (and the compilation cache of conftest.py,
+    inherited)."""
     return {
         **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAG}",
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
@@ -56,7 +57,6 @@ class TrainCommand:
         self.args = [sys.executable, "-m", "vit_jax.main", f"--config={config_file}"]
         self.args += [f"--workdir={workdir}", *args]
         self.env = subprocess_env(devices)
-        self.env["XLA_FLAGS"] += f" {FAST_COMPILE_FLAG}"
         self.stdout = workdir.with_name(f"{workdir.name}.{name}.out")
         self.stderr = workdir.with_name(f"{workdir.name}.{name}.err")
         self.process: subprocess.Popen | None = None
