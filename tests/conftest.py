@@ -11,6 +11,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
@@ -19,3 +21,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+@pytest.fixture(scope="session")
+def two_phase_reference(tmp_path_factory):
+    """The uninterrupted two-phase run of tests/_two_phase_run.py, shared by test_multihost.py
+    and test_train_resume.py; it runs in the background from the first test that asks for it."""
+    from tests._two_phase_run import Reference
+
+    reference = Reference(tmp_path_factory.mktemp("two_phase_reference"))
+    yield reference
+    reference.kill()

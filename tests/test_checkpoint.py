@@ -57,12 +57,24 @@ def _tiny_mixer():
 
 def _init(model, size=32, seed=0):
     x = jnp.zeros((1, size, size, 3))
-    params = model.init(jax.random.PRNGKey(seed), x, train=False)["params"]
+    # Only the shapes are kept: traced, not compiled or run (an eager init compiles every op).
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(seed), x, train=False))["params"]
     # Re-draw every leaf so that no param is trivially zero (heads are zero-initialised).
     leaves, treedef = jax.tree.flatten(params)
     rng = np.random.default_rng(seed)
     leaves = [rng.normal(size=leaf.shape).astype(np.float32) for leaf in leaves]
     return jax.tree.unflatten(treedef, leaves)
+
+
+def _initial_params(model, size):
+    """The model's own initial params for a (1, size, size, 3) input, compiled as one program."""
+    x = jnp.zeros((1, size, size, 3))
+    return jax.jit(lambda: model.init(jax.random.PRNGKey(1), x, train=False))()["params"]
+
+
+def _jitted_apply(model, params, x):
+    """The model's logits, compiled as one program (eagerly, every op compiles on its own)."""
+    return jax.jit(lambda p: model.apply({"params": p}, x, train=False))(params)
 
 
 def _assert_trees_equal(a, b):
@@ -205,10 +217,8 @@ def test_hybrid_groupnorm_stored_as_1_1_1_c_is_squeezed(tmp_path):
     # The loaded params run in the model and give the original params' outputs.
     model = _tiny_hybrid()
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
-    np.testing.assert_array_equal(
-        model.apply({"params": loaded}, x, train=False),
-        model.apply({"params": params}, x, train=False),
-    )
+    apply = jax.jit(lambda p: model.apply({"params": p}, x, train=False))  # one compile
+    np.testing.assert_array_equal(apply(loaded), apply(params))
 
 
 def test_from_released_numbering_sorts_numerically():
@@ -400,7 +410,7 @@ def _pretrained_file(tmp_path, **kw):
 def test_load_pretrained_for_finetuning_at_higher_resolution(tmp_path):
     path, pretrained = _pretrained_file(tmp_path)
     model = _tiny_vit(num_classes=5)  # no representation layer, new head
-    init = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 64, 64, 3)), train=False)["params"]
+    init = _initial_params(model, 64)
     params = checkpoint.load_pretrained(
         pretrained_path=path, init_params=init, model_config={"representation_size": None}
     )
@@ -416,14 +426,14 @@ def test_load_pretrained_for_finetuning_at_higher_resolution(tmp_path):
         for part in key.split("/"):
             node_a, node_b = node_a[part], node_b[part]
         _assert_trees_equal({"x": node_a}, {"x": node_b})
-    logits = model.apply({"params": params}, jnp.zeros((2, 64, 64, 3)), train=False)
+    logits = _jitted_apply(model, params, jnp.zeros((2, 64, 64, 3)))
     assert logits.shape == (2, 5)
 
 
 def test_load_pretrained_keeps_pre_logits_when_the_new_model_has_them(tmp_path):
     path, pretrained = _pretrained_file(tmp_path)
     model = _tiny_vit(num_classes=5, representation_size=16)
-    init = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+    init = _initial_params(model, 32)
     params = checkpoint.load_pretrained(pretrained_path=path, init_params=init)
     _assert_trees_equal(params["pre_logits"], pretrained["pre_logits"])
     _assert_trees_equal(
@@ -434,7 +444,7 @@ def test_load_pretrained_keeps_pre_logits_when_the_new_model_has_them(tmp_path):
 def test_load_pretrained_token_to_gap_and_into_a_scanned_model(tmp_path):
     path, pretrained = _pretrained_file(tmp_path)
     model = _tiny_vit(num_classes=5, classifier="gap", scan=True)
-    init = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 48, 48, 3)), train=False)["params"]
+    init = _initial_params(model, 48)
     params = checkpoint.load_pretrained(pretrained_path=path, init_params=init)
     assert "cls" not in params and checkpoint.is_scanned(params)
     old = pretrained["Transformer"]["posembed_input"]["pos_embedding"]
@@ -446,7 +456,7 @@ def test_load_pretrained_token_to_gap_and_into_a_scanned_model(tmp_path):
     np.testing.assert_array_equal(
         stacked[1], pretrained["Transformer"]["encoderblock_1"]["LayerNorm_0"]["scale"]
     )
-    assert model.apply({"params": params}, jnp.zeros((1, 48, 48, 3)), train=False).shape == (1, 5)
+    assert _jitted_apply(model, params, jnp.zeros((1, 48, 48, 3))).shape == (1, 5)
 
 
 def test_load_pretrained_reports_every_real_mismatch(tmp_path):
@@ -457,7 +467,7 @@ def test_load_pretrained_reports_every_real_mismatch(tmp_path):
         transformer={"num_layers": 3, "mlp_dim": 32, "num_heads": 2},
         hidden_size=16,
     )
-    init = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+    init = _initial_params(model, 32)
     with pytest.raises(checkpoint.CheckpointError) as info:
         checkpoint.load_pretrained(pretrained_path=path, init_params=init)
     message = str(info.value)

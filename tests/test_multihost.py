@@ -20,7 +20,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests import _two_phase_run
 from tests._commands import (
     TrainCommand,
     free_port,
@@ -41,50 +41,16 @@ from vit_jax import checkpoint, multihost, train
 
 PROCESSES, DEVICES_PER_PROCESS = 2, 4
 HEARTBEAT_SECONDS = 10  # how long the survivors wait for a dead process
-CHECKPOINT_EVERY = 5  # as in _CONFIG
+CHECKPOINT_EVERY = _two_phase_run.CHECKPOINT_EVERY
 TEST_EXAMPLES = 360  # the digits' test split
 _FINAL = re.compile(r"final test accuracy ([\d.]+) \(top-5 [\d.]+, loss ([\d.]+), (\d+) examples\)")
-
-_CONFIG = """
-    import ml_collections
-
-    from configs import common
-
-
-    def _phase(**fields):
-        c = common.get_config()
-        c.dataset = "sklearn_digits"
-        c.model = common.model_config(
-            "testing", patches={"size": (4, 4)}, transformer={"dropout_rate": 0.1}
-        )
-        c.update(batch_size=16, optimizer="sgd", base_lr=0.1, warmup_steps=3, mixup_alpha=0.2)
-        c.update(log_every=5, checkpoint_every=5, eval_every=10)  # CHECKPOINT_EVERY
-        c.update(fields)
-        return c
-
-
-    def get_config(phases="pretrain,finetune"):
-        config = ml_collections.ConfigDict()
-        config.phases = tuple(phases.split(","))
-        config.pretrain = _phase(image_size=8, total_steps=30)
-        config.finetune = _phase(image_size=16, total_steps=10, pretrained="phase:pretrain")
-        config.lock()
-        return config
-"""
-
-
-@pytest.fixture(scope="module")
-def config_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("config") / "two_phase.py"
-    path.write_text(textwrap.dedent(_CONFIG))
-    return path
 
 
 @dataclasses.dataclass
 class _Interrupted:
     """What the interrupted 2-process run did, launch by launch."""
 
-    one: TrainCommand  # the uninterrupted 1-process run
+    one: TrainCommand  # the uninterrupted 1-process run (shared with test_train_resume.py)
     workdir: Path
     stop_steps: list[int]  # the step each process stopped after, on SIGTERM to process 1
     stop_returncodes: list[int]
@@ -117,50 +83,45 @@ def _started(group: list[TrainCommand]) -> Iterator[list[TrainCommand]]:
 
 
 @pytest.fixture(scope="module")
-def interrupted(config_file, tmp_path_factory) -> Iterator[_Interrupted]:
-    root = tmp_path_factory.mktemp("runs")
-    one = TrainCommand(config_file, root / "one", devices=PROCESSES * DEVICES_PER_PROCESS)
-    one.start()  # alongside the 2-process launches
-    workdir = root / "two"
+def interrupted(two_phase_reference, tmp_path_factory) -> Iterator[_Interrupted]:
+    assert _two_phase_run.DEVICES == PROCESSES * DEVICES_PER_PROCESS
+    config_file = two_phase_reference.config_file  # the reference runs alongside
+    workdir = tmp_path_factory.mktemp("runs") / "two"
     checkpoints = workdir / "pretrain" / train.CHECKPOINT_DIR
-    try:
-        # SIGTERM to process 1 only.
-        with _started(_group(config_file, workdir)) as group:
-            wait_for(checkpoints / str(CHECKPOINT_EVERY), group)
-            group[1].process.send_signal(signal.SIGTERM)
-            stop_returncodes = [c.wait() for c in group]
-        pattern = re.compile(r"Training stopped by SIGTERM after step (\d+)")
-        logs = [workdir / "pretrain" / n for n in (train.LOG_FILE, "train.process1.log")]
-        stopped = [pattern.search(p.read_text()) for p in logs]
-        assert all(stopped), [p.read_text()[-2000:] for p in logs]
+    # SIGTERM to process 1 only.
+    with _started(_group(config_file, workdir)) as group:
+        wait_for(checkpoints / str(CHECKPOINT_EVERY), group)
+        group[1].process.send_signal(signal.SIGTERM)
+        stop_returncodes = [c.wait() for c in group]
+    pattern = re.compile(r"Training stopped by SIGTERM after step (\d+)")
+    logs = [workdir / "pretrain" / n for n in (train.LOG_FILE, "train.process1.log")]
+    stopped = [pattern.search(p.read_text()) for p in logs]
+    assert all(stopped), [p.read_text()[-2000:] for p in logs]
 
-        # SIGKILL of process 1 after the next checkpoint.
-        kill_after = (int(stopped[0][1]) // CHECKPOINT_EVERY + 1) * CHECKPOINT_EVERY
-        with _started(_group(config_file, workdir)) as group:
-            wait_for(checkpoints / str(kill_after), group)
-            group[1].process.kill()
-            killed_at = time.monotonic()
-            kill_returncode = group[0].wait(timeout=HEARTBEAT_SECONDS + 60)
-            kill_wait_seconds = time.monotonic() - killed_at
-        kill_stderr = group[0].stderr.read_text()  # before the rerun writes the same file
+    # SIGKILL of process 1 after the next checkpoint.
+    kill_after = (int(stopped[0][1]) // CHECKPOINT_EVERY + 1) * CHECKPOINT_EVERY
+    with _started(_group(config_file, workdir)) as group:
+        wait_for(checkpoints / str(kill_after), group)
+        group[1].process.kill()
+        killed_at = time.monotonic()
+        kill_returncode = group[0].wait(timeout=HEARTBEAT_SECONDS + 60)
+        kill_wait_seconds = time.monotonic() - killed_at
+    kill_stderr = group[0].stderr.read_text()  # before the rerun writes the same file
 
-        # The same command again, to the end.
-        with _started(_group(config_file, workdir)) as final:
-            assert [c.wait() for c in final] == [0, 0], final[0].tail()
-        assert one.wait() == 0, one.tail()
-        yield _Interrupted(
-            one=one,
-            workdir=workdir,
-            stop_steps=[int(m[1]) for m in stopped],
-            stop_returncodes=stop_returncodes,
-            kill_after=kill_after,
-            kill_returncode=kill_returncode,
-            kill_wait_seconds=kill_wait_seconds,
-            kill_stderr=kill_stderr,
-            final=final,
-        )
-    finally:
-        one.kill()
+    # The same command again, to the end.
+    with _started(_group(config_file, workdir)) as final:
+        assert [c.wait() for c in final] == [0, 0], final[0].tail()
+    yield _Interrupted(
+        one=two_phase_reference.finished(),
+        workdir=workdir,
+        stop_steps=[int(m[1]) for m in stopped],
+        stop_returncodes=stop_returncodes,
+        kill_after=kill_after,
+        kill_returncode=kill_returncode,
+        kill_wait_seconds=kill_wait_seconds,
+        kill_stderr=kill_stderr,
+        final=final,
+    )
 
 
 def _params(workdir: Path, phase: str):

@@ -1,18 +1,20 @@
 """Checkpoints, resume, interruption, NaN guard and metrics of `train.train_and_evaluate`.
 
 In-process runs use the 8 fake CPU devices of conftest.py. The kill tests run the command line
-(`python -m vit_jax.main`) in subprocesses on 2 fake devices, interrupt them for real (SIGKILL,
-SIGTERM) and compare the resumed run's params.npz bit for bit with an uninterrupted run.
+(`python -m vit_jax.main`, the two-phase run of tests/_two_phase_run.py on 8 fake devices) in
+subprocesses, interrupt it for real (SIGTERM, then SIGKILL of the rerun) and compare the params.npz
+of the run that finishes with the uninterrupted run's (shared with test_multihost.py) bit for bit.
+Adam's state surviving a resume bit for bit is checked in-process, by the corrupted-checkpoint
+test's run.
 """
 
-import functools
+import dataclasses
 import glob
 import logging
 import os
 import re
 import shutil
 import signal
-import textwrap
 from pathlib import Path
 
 import jax
@@ -20,6 +22,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests import _two_phase_run
 from tests._commands import TrainCommand, signal_after
 from tests.test_train import tiny_config
 from vit_jax import checkpoint, resumable, run_config, train
@@ -51,8 +54,15 @@ def _steps(workdir) -> list[int]:
 
 
 def _small_run_config(**overrides):
+    # Adam: its state, restored, must redo steps bit for bit (the corrupted-checkpoint test).
     return tiny_config(
-        total_steps=TINY_STEPS, checkpoint_every=2, keep_checkpoints=3, eval_every=2, **overrides
+        optimizer="adam",
+        base_lr=1e-3,
+        total_steps=TINY_STEPS,
+        checkpoint_every=2,
+        keep_checkpoints=3,
+        eval_every=2,
+        **overrides,
     )
 
 
@@ -210,69 +220,105 @@ def _restore_latest(config, workdir):
 # ----------------------------------------------------------------------------------------------
 # Subprocesses: real SIGKILL and SIGTERM, then the same command again.
 
-_KILL_CONFIG = """
-    from configs import common
 
+@dataclasses.dataclass
+class _Interrupted:
+    """The two-phase run of tests/_two_phase_run.py as one process, interrupted twice in its
+    pretraining: SIGTERM, the same command again (SIGKILLed), and again to the end."""
 
-    def get_config():
-        c = common.get_config()
-        c.model = common.model_config(
-            "testing", patches={"size": (4, 4)}, transformer={"dropout_rate": 0.1}
-        )
-        c.update(image_size=8, batch_size=8, optimizer="adam", base_lr=1e-3, mixup_alpha=0.2)
-        c.update(total_steps=200, warmup_steps=5, log_every=10, shuffle_buffer=100)
-        c.update(checkpoint_every=20, keep_checkpoints=2)
-        return c
-"""
-
-
-def _command(tmp_path: Path, workdir: Path) -> TrainCommand:
-    """The tiny config's command line in `workdir`, on 2 fake devices."""
-    config_file = tmp_path / "tiny_config.py"
-    config_file.write_text(textwrap.dedent(_KILL_CONFIG))
-    return TrainCommand(config_file, workdir, devices=2)
+    workdir: Path
+    sigterm: TrainCommand
+    sigterm_returncode: int
+    sigterm_log: str  # pretrain/train.log after the SIGTERM
+    steps_after_sigterm: list[int]  # the pretraining's checkpoints then
+    sigkill: TrainCommand  # the rerun after the SIGTERM
+    kill_after: int  # it was SIGKILLed once the checkpoint of this step was complete
+    sigkill_returncode: int
+    params_after_sigkill: list[str]  # params.npz files there were then
+    final: TrainCommand  # the rerun after the SIGKILL
+    final_returncode: int
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """params.npz of the tiny command run without interruption (it runs alongside the tests)."""
-    tmp_path = tmp_path_factory.mktemp("uninterrupted")
-    command = _command(tmp_path, tmp_path / "work")
-    command.start()
+def interrupted(two_phase_reference, tmp_path_factory):
+    # The reference first: its programs are then in the compilation cache for these launches.
+    two_phase_reference.finished()
+    workdir = tmp_path_factory.mktemp("interrupted") / "work"
+    checkpoints = workdir / "pretrain" / train.CHECKPOINT_DIR
+    commands = {
+        name: TrainCommand(
+            two_phase_reference.config_file, workdir, devices=_two_phase_run.DEVICES, name=name
+        )
+        for name in ("sigterm", "sigkill", "final")
+    }
+    try:
+        every = _two_phase_run.CHECKPOINT_EVERY
+        sigterm_returncode = signal_after(
+            commands["sigterm"], checkpoints / str(every), signal.SIGTERM
+        )
+        sigterm_log = (workdir / "pretrain" / train.LOG_FILE).read_text()
+        steps_after_sigterm = _steps(workdir / "pretrain")
+        match = re.search(r"Training stopped by SIGTERM after step (\d+)", sigterm_log)
+        assert match, commands["sigterm"].tail()
+        kill_after = (int(match.group(1)) // every + 1) * every
+        sigkill_returncode = signal_after(
+            commands["sigkill"], checkpoints / str(kill_after), signal.SIGKILL
+        )
+        params = [workdir / phase / train.PARAMS_FILE for phase in ("pretrain", "finetune")]
+        params_after_sigkill = [str(p) for p in params if p.exists()]
+        yield _Interrupted(
+            workdir=workdir,
+            sigterm=commands["sigterm"],
+            sigterm_returncode=sigterm_returncode,
+            sigterm_log=sigterm_log,
+            steps_after_sigterm=steps_after_sigterm,
+            sigkill=commands["sigkill"],
+            kill_after=kill_after,
+            sigkill_returncode=sigkill_returncode,
+            params_after_sigkill=params_after_sigkill,
+            final=commands["final"],
+            final_returncode=commands["final"].run(),
+        )
+    finally:
+        for command in commands.values():
+            command.kill()
 
-    @functools.cache
-    def params():
-        assert command.wait() == 0, command.tail()
-        assert "final test accuracy" in command.stdout.read_text()
-        return checkpoint.load(command.workdir / train.PARAMS_FILE)
 
-    yield params
-    command.kill()
+def _same_as_the_reference(workdir: Path, reference: TrainCommand) -> None:
+    for phase in ("pretrain", "finetune"):
+        got = checkpoint.load(workdir / phase / train.PARAMS_FILE)
+        want = checkpoint.load(reference.workdir / phase / train.PARAMS_FILE)
+        assert _same_params(got, want), phase
 
 
-def test_sigkill_then_rerun_matches_an_uninterrupted_run(uninterrupted, tmp_path):
-    command = _command(tmp_path, tmp_path / "work")
-    ready = command.workdir / train.CHECKPOINT_DIR / "20"
-    assert signal_after(command, ready, signal.SIGKILL) == -signal.SIGKILL, command.tail()
-    assert not (command.workdir / train.PARAMS_FILE).exists()
-    assert command.run() == 0, command.tail()
-    log = command.stderr.read_text()
+def test_sigkill_then_rerun_matches_an_uninterrupted_run(interrupted, two_phase_reference):
+    run = interrupted
+    assert run.sigkill_returncode == -signal.SIGKILL, run.sigkill.tail()
+    assert run.params_after_sigkill == []  # killed in the pretraining, before its params.npz
+    assert run.final_returncode == 0, run.final.tail()
+    log = run.final.stderr.read_text()
     resumed_from = re.search(r"Resuming from the checkpoint of step (\d+)", log)
-    assert resumed_from and 20 <= int(resumed_from.group(1)) < 200
-    assert _same_params(checkpoint.load(command.workdir / train.PARAMS_FILE), uninterrupted())
+    assert resumed_from, log[-3000:]
+    assert run.kill_after <= int(resumed_from.group(1)) < _two_phase_run.PRETRAIN_STEPS
+    reference = two_phase_reference.finished()
+    assert "final test accuracy" in reference.stdout.read_text()
+    _same_as_the_reference(run.workdir, reference)
 
 
-def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_from_it(uninterrupted, tmp_path):
-    command = _command(tmp_path, tmp_path / "work")
-    ready = command.workdir / train.CHECKPOINT_DIR / "20"
-    assert signal_after(command, ready, signal.SIGTERM) == 128 + signal.SIGTERM, command.tail()
-    assert "final test accuracy" not in command.stdout.read_text()
-    log = (command.workdir / train.LOG_FILE).read_text()
-    match = re.search(r"Training stopped by SIGTERM after step (\d+); its checkpoint is in", log)
-    assert match, log[-3000:]
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_from_it(interrupted, two_phase_reference):
+    run = interrupted
+    assert run.sigterm_returncode == 128 + signal.SIGTERM, run.sigterm.tail()
+    assert "final test accuracy" not in run.sigterm.stdout.read_text()
+    match = re.search(
+        r"Training stopped by SIGTERM after step (\d+); its checkpoint is in", run.sigterm_log
+    )
+    assert match, run.sigterm_log[-3000:]
     step = int(match.group(1))
-    assert 20 < step < 200 and _steps(command.workdir)[-1] == step
+    assert _two_phase_run.CHECKPOINT_EVERY < step < _two_phase_run.PRETRAIN_STEPS
+    assert run.steps_after_sigterm[-1] == step
 
-    assert command.run() == 0, command.tail()
-    assert f"Resuming from the checkpoint of step {step} " in command.stderr.read_text()
-    assert _same_params(checkpoint.load(command.workdir / train.PARAMS_FILE), uninterrupted())
+    # The rerun resumed from it (and was SIGKILLed later; the run after that ends with the
+    # uninterrupted run's params bit for bit).
+    assert f"Resuming from the checkpoint of step {step} " in run.sigkill.stderr.read_text()
+    assert run.final_returncode == 0, run.final.tail()
+    _same_as_the_reference(run.workdir, two_phase_reference.finished())
