@@ -123,15 +123,17 @@ def test_eval_sums_rmse_and_mae_over_real_examples_on_8_devices_by_hand():
         ({"task": "ranking"}, "Unknown task='ranking'; valid values: classification, regression"),
         ({"regression.target_range": (5, 1)}, r"target_range=\(5, 1\) must be \(low, high\)"),
         ({"regression.target_range": (1,)}, r"target_range=\(1,\) must be \(low, high\)"),
+        (
+            {"dataset": "csv:/data/train.csv", "csv.fold": 7},
+            r"CsvSpec.fold=7 is outside 0 … 4 \(num_folds=5\).*set by --config.csv.<key>",
+        ),
     ],
 )
 def test_regression_config_errors_name_the_key(overrides, message):
     config = _config()
     for key, value in overrides.items():
-        if key.startswith("regression."):
-            config.regression[key.split(".")[1]] = value
-        else:
-            config[key] = value
+        node, _, leaf = key.rpartition(".")
+        (config[node] if node else config)[leaf] = value
     with pytest.raises(ValueError, match=message):
         run_config.validate_config(config, 8, 8)
 

@@ -7,6 +7,8 @@ any work (data download, compilation): a bad value fails at once, naming the key
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -60,6 +62,9 @@ def validate_config(
             raise ValueError(f"{key} must be ≥ 0 (0 = only at the end), got {config[key]}.")
     _check_patch_grid(config.model, config.image_size)
     make_optimizer(config, make_schedule(config))  # lr, warmup, steps, optimizer options
+    if config.dataset.startswith(input_pipeline.CSV_PREFIX):
+        with _csv_keys_named():
+            csv_spec(config)  # folds, fractions, columns: before any file is read
 
 
 def describe_run(config: ml_collections.ConfigDict, phase: str = "") -> str:
@@ -156,13 +161,14 @@ def dataset_info(config: ml_collections.ConfigDict) -> input_pipeline.DatasetInf
     prepare_first = input_pipeline.needs_preparation(config.dataset)
     if prepare_first and not multihost.is_main_process():
         multihost.barrier("dataset-prepared")  # wait for process 0's download and preparation
-    info = input_pipeline.get_dataset_info(
-        config.dataset,
-        train_split=config.train_split,
-        test_split=config.test_split,
-        targets=tasks.task_class(config).targets_for(config),
-        **_source_args(config),
-    )
+    with _csv_keys_named():
+        info = input_pipeline.get_dataset_info(
+            config.dataset,
+            train_split=config.train_split,
+            test_split=config.test_split,
+            targets=tasks.task_class(config).targets_for(config),
+            **_source_args(config),
+        )
     if prepare_first and multihost.is_main_process():
         multihost.barrier("dataset-prepared")
     return info
@@ -207,6 +213,17 @@ def csv_spec(config: ml_collections.ConfigDict) -> input_pipeline.CsvSpec:
     return input_pipeline.CsvSpec(
         **{k: tuple(v) if isinstance(v, list | tuple) else v for k, v in options.items()}
     )
+
+
+@contextlib.contextmanager
+def _csv_keys_named() -> Iterator[None]:
+    """A CSV error that names `CsvSpec.<key>` also says its config key, `--config.csv.<key>`."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        if "CsvSpec." not in str(e):
+            raise
+        raise type(e)(f"{e} (CsvSpec.<key> is set by --config.csv.<key>.)") from None
 
 
 def _pipeline_args(config: ml_collections.ConfigDict, task: tasks.Task) -> dict[str, Any]:
