@@ -1680,7 +1680,9 @@ def test_distilled_needs_the_token_classifier(classifier):
         abstract_init(tiny_vit(distilled=1), VIT_IMAGE)
 
 
-# name: (hidden, distilled); timm 1.0.31's parameter counts at 1000 classes, 224 px.
+# name: (timm 1.0.31 name, hidden, distilled). The counts in EXPECTED_PARAM_COUNTS were measured
+# on timm's models at 1000 classes (sum of p.numel()); tests/test_interop_timm_deit.py compares
+# them with timm live where timm imports.
 DEIT_ZOO = {
     "DeiT-Ti_16": ("deit_tiny_patch16_224", 192, False),
     "DeiT-S_16": ("deit_small_patch16_224", 384, False),
@@ -1703,18 +1705,3 @@ def test_deit_zoo_entries(name):
     assert EXPECTED_PARAM_COUNTS[name] == EXPECTED_PARAM_COUNTS[plain.model_name] + extra
     model = models.get_model(name, num_classes=1000)
     assert (model.activation, model.distilled) == ("gelu", distilled)
-
-
-def _import_timm():
-    try:
-        import timm
-    except Exception as e:  # a broken torch/torchvision install raises more than ImportError
-        pytest.skip(f"timm comparison skipped: timm is not importable here ({type(e).__name__})")
-    return timm
-
-
-@pytest.mark.parametrize("name", sorted(DEIT_ZOO))
-def test_deit_param_counts_equal_timms(name):
-    timm = _import_timm()
-    model = timm.create_model(DEIT_ZOO[name][0], pretrained=False, num_classes=1000)
-    assert sum(p.numel() for p in model.parameters()) == EXPECTED_PARAM_COUNTS[name]
