@@ -10,6 +10,9 @@ original lacks (`dtype`, `matmul_dtype`, `attention_impl`, `remat_policy`, `scan
 stacks the encoder blocks under one `encoderblock` entry (`vit_jax.checkpoint.scan_params` /
 `unscan_params` convert between the layouts). The head options (`head_hidden_size`, the
 `features` argument; `vit_jax.model_heads`) add or widen head parameters only when used.
+`activation` (the MLP blocks' GELU) never changes the tree; `distilled=True` (DeiT's
+distillation token, `vit_jax.model_heads`) adds `dist_token`, `head_dist` and one position row,
+and then returns a (class, distillation) logits pair in training.
 
 Named intermediates: apply with `mutable=['intermediates']` to get the encoder's per-token
 output (`encoded`), the pooled `pre_logits` (at `pre_logits/__call__`) and, with
