@@ -1705,3 +1705,18 @@ def test_deit_zoo_entries(name):
     assert EXPECTED_PARAM_COUNTS[name] == EXPECTED_PARAM_COUNTS[plain.model_name] + extra
     model = models.get_model(name, num_classes=1000)
     assert (model.activation, model.distilled) == ("gelu", distilled)
+
+
+def test_deit_activation_and_distilled_are_architecture_fields():
+    models.check_model_config(models.get_config("DeiT-S_16-dist"))
+    config = models.get_config("ViT-S_16")
+    config.activation, config.distilled = "gelu_tanh", False  # the defaults, spelled out
+    models.check_model_config(config)
+    config = models.get_config("DeiT-S_16")
+    config.distilled = True
+    with pytest.raises(ValueError, match=r"distilled True \(DeiT-S_16: False\)"):
+        models.check_model_config(config)
+    config = models.get_config("ViT-S_16")
+    config.activation = "gelu"
+    with pytest.raises(ValueError, match=r"activation gelu \(ViT-S_16: gelu_tanh\)"):
+        models.check_model_config(config)
