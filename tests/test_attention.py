@@ -106,6 +106,30 @@ def test_model_rollout_from_intermediates_scanned_or_not():
     assert heat.shape == (2, 4, 4)
 
 
+def test_distilled_map_averages_the_class_and_distillation_rows():
+    # Batch 1: class token, distillation token, 2×2 patches (the rollout of a distilled model).
+    rollout = np.array(
+        [
+            [
+                [0.2, 0.1, 0.1, 0.2, 0.3, 0.1],
+                [0.1, 0.3, 0.3, 0.1, 0.1, 0.1],
+                *np.eye(6)[2:],
+            ]
+        ]
+    )
+    heat = attention.cls_attention_map(rollout, (2, 2), has_class_token=2)
+    np.testing.assert_allclose(heat, [[[0.2, 0.15], [0.2, 0.1]]])  # mean of rows 0, 1; cols 2:
+    model = models.get_model(
+        "testing", num_classes=3, patches={"size": (8, 8)}, distilled=True, activation="gelu"
+    )
+    params = random_params(model, 32)  # 4×4 grid + class and distillation tokens = 18 tokens
+    images = np.random.default_rng(1).uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32)
+    rollout = attention.attention_rollout(attention.attention_weights(model, params, images))
+    assert rollout.shape == (1, 18, 18)
+    heat = attention.cls_attention_map(rollout, attention.grid_shape(model, 32), has_class_token=2)
+    np.testing.assert_allclose(heat[0], rollout[0, :2, 2:].mean(axis=0).reshape(4, 4))
+
+
 def test_fused_attention_has_no_weights_to_roll_out():
     model = models.get_model("testing", num_classes=3, attention_impl="xla")
     with pytest.raises(ValueError, match=r"attention_impl='xla'.*attention_impl='flax'"):

@@ -522,3 +522,87 @@ def test_load_pretrained_replaces_or_drops_a_checkpoints_head_hidden(tmp_path, c
     assert "head_hidden dropped (the new model has none)" in caplog.text
     assert set(params) == set(init)
     _assert_trees_equal(params["head"], init["head"])
+
+
+# --------------------------------------------------------------------------- distillation token
+
+
+def test_interpolate_posembed_keeps_two_special_rows_of_a_distilled_table():
+    rng = np.random.default_rng(3)
+    table = rng.normal(size=(1, 2 + 4, 3)).astype(np.float32)  # cls, dist, 2×2 grid
+    resized = checkpoint.interpolate_posembed(table, 2 + 9, 2)
+    np.testing.assert_array_equal(resized[:, :2], table[:, :2])  # both special rows kept
+    expected = scipy.ndimage.zoom(table[0, 2:].reshape(2, 2, 3), (1.5, 1.5, 1), order=1)
+    np.testing.assert_allclose(resized[0, 2:], expected.reshape(9, 3), atol=1e-6)
+    # Treating the distillation row as a grid row (the 1-row handling) would fail: 5 is no grid.
+    with pytest.raises(checkpoint.CheckpointError, match="5 grid rows"):
+        checkpoint.interpolate_posembed(table, 1 + 9, True)
+    # distilled → plain: the class row stays, the distillation row goes, the grid is exact.
+    plain = checkpoint.interpolate_posembed(table, 1 + 4, 2, new_has_class_token=1)
+    np.testing.assert_array_equal(plain, table[:, [0, 2, 3, 4, 5]])
+    # plain → distilled: the class row stays and a zero distillation row follows it.
+    back = checkpoint.interpolate_posembed(plain, 2 + 4, 1, new_has_class_token=2)
+    np.testing.assert_array_equal(back[:, 1], np.zeros((1, 3)))
+    np.testing.assert_array_equal(back[:, [0, 2, 3, 4, 5]], plain)
+    with pytest.raises(checkpoint.CheckpointError, match="0, 1 or 2 special rows, not 3"):
+        checkpoint.interpolate_posembed(table, 3 + 4, 3)
+
+
+def _distilled_file(tmp_path):
+    params = _init(_tiny_vit(num_classes=21, distilled=True))
+    path = tmp_path / "distilled.npz"
+    checkpoint.save(params, path)
+    return path, params
+
+
+def _posemb(params):
+    return np.asarray(params["Transformer"]["posembed_input"]["pos_embedding"])
+
+
+def test_load_pretrained_distilled_into_distilled_at_higher_resolution(tmp_path):
+    path, pretrained = _distilled_file(tmp_path)
+    assert set(checkpoint.load(path)) >= {"cls", "dist_token", "head_dist"}  # saved and read
+    model = _tiny_vit(num_classes=5, distilled=True)
+    init = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 64, 64, 3)), train=False)["params"]
+    params = checkpoint.load_pretrained(pretrained_path=path, init_params=init)
+    old = _posemb(pretrained)
+    assert old.shape == (1, 2 + 4 * 4, 16) and _posemb(params).shape == (1, 2 + 8 * 8, 16)
+    np.testing.assert_array_equal(_posemb(params), checkpoint.interpolate_posembed(old, 66, 2))
+    np.testing.assert_array_equal(_posemb(params)[:, :2], old[:, :2])
+    _assert_trees_equal({"x": params["dist_token"]}, {"x": pretrained["dist_token"]})
+    _assert_trees_equal(params["head_dist"], init["head_dist"])  # a new task's head: fresh
+    _assert_trees_equal(params["head"], init["head"])
+    cls_logits, dist_logits = model.apply({"params": params}, jnp.zeros((2, 64, 64, 3)), train=True)
+    assert cls_logits.shape == dist_logits.shape == (2, 5)
+
+
+def test_load_pretrained_distilled_into_plain_drops_the_token_and_says_so(tmp_path, caplog):
+    path, pretrained = _distilled_file(tmp_path)
+    model = _tiny_vit(num_classes=5)
+    init = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+    with caplog.at_level("WARNING"):
+        params = checkpoint.load_pretrained(pretrained_path=path, init_params=init)
+    assert "checkpoint is distilled but the model is not" in caplog.text
+    assert "dist_token" in caplog.text and "head_dist" in caplog.text
+    assert set(params) == set(init)  # no dist_token, no head_dist
+    old = _posemb(pretrained)
+    np.testing.assert_array_equal(_posemb(params), old[:, [0, *range(2, 2 + 16)]])
+    _assert_trees_equal({"x": params["cls"]}, {"x": pretrained["cls"]})
+    assert model.apply({"params": params}, jnp.zeros((2, 32, 32, 3)), train=False).shape == (2, 5)
+
+
+def test_load_pretrained_plain_into_distilled_inits_the_token_and_says_so(tmp_path, caplog):
+    path, pretrained = _pretrained_file(tmp_path)  # a plain ViT with pre_logits
+    model = _tiny_vit(num_classes=5, representation_size=16, distilled=True)
+    init = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+    with caplog.at_level("WARNING"):
+        params = checkpoint.load_pretrained(pretrained_path=path, init_params=init)
+    assert "model is distilled but the checkpoint is not" in caplog.text
+    _assert_trees_equal({"x": params["dist_token"]}, {"x": init["dist_token"]})
+    _assert_trees_equal(params["head_dist"], init["head_dist"])
+    old, new = _posemb(pretrained), _posemb(params)
+    assert new.shape == (1, 2 + 16, 16)
+    np.testing.assert_array_equal(new[:, 0], old[:, 0])
+    np.testing.assert_array_equal(new[:, 1], 0.0)
+    np.testing.assert_array_equal(new[:, 2:], old[:, 1:])
+    _assert_trees_equal(params["pre_logits"], pretrained["pre_logits"])

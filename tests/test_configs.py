@@ -93,8 +93,9 @@ def test_pretrain_recipe_builds_and_validates_for_every_model(name):
     assert config.dataset.startswith("folder:")
     assert (config.train_split, config.test_split) == ("train", "test")
     if "transformer" in config.model:  # ViT and hybrids; Mixer has none of these options
-        # Dropout 0.1 for B and larger (ViT paper, appendix B.1); none for Ti, S and testing.
-        large = name.split("+")[-1].startswith(("ViT-B", "ViT-L", "ViT-H"))
+        # Dropout 0.1 for B and larger (ViT paper, appendix B.1; DeiT-B too, the recipe goes by
+        # width); none for Ti, S and testing.
+        large = name.split("+")[-1].startswith(("ViT-B", "ViT-L", "ViT-H", "DeiT-B"))
         assert config.model.transformer.dropout_rate == (0.1 if large else 0.0)
         assert config.model.representation_size == config.model.hidden_size
         assert config.model.head_bias_init == -10.0

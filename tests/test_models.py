@@ -81,13 +81,14 @@ def randomize(params, seed: int):
         shape = leaf.shape
         if name.endswith("scale"):
             value = 1.0 + 0.2 * rng.standard_normal(shape)
-        elif name.endswith(("bias", "cls", "pos_embedding")):
+        elif name.endswith(("bias", "cls", "dist_token", "pos_embedding")):
             value = 0.2 * rng.standard_normal(shape)
         else:  # kernels: (..., in, out), or (D, heads, head_dim) for query/key/value
             qkv = name.endswith(("query/kernel", "key/kernel", "value/kernel"))
             fan_in = shape[0] if qkv else math.prod(shape[:-1])
             value = rng.standard_normal(shape) / math.sqrt(fan_in)
-        if name.startswith(("embedding/", "stem/", "cls")) or name.endswith("pos_embedding"):
+        tokens = ("embedding/", "stem/", "cls", "dist_token")
+        if name.startswith(tokens) or name.endswith("pos_embedding"):
             value = TOKEN_SCALE * value
         return jnp.asarray(value, jnp.float32)
 
@@ -189,6 +190,14 @@ EXPECTED_PARAM_COUNTS = {
     "Mixer-B_16": 59_880_472,
     "Mixer-B_32": 60_293_428,
     "Mixer-L_16": 208_196_168,
+    # DeiT: timm's deit_{tiny,small,base}_patch16_224 and deit_*_distilled_patch16_224 at 1000
+    # classes (the distilled ones add dist_token D, a position row D and head_dist (D+1)·1000).
+    "DeiT-Ti_16": 5_717_416,
+    "DeiT-S_16": 22_050_664,
+    "DeiT-B_16": 86_567_656,
+    "DeiT-Ti_16-dist": 5_910_800,
+    "DeiT-S_16-dist": 22_436_432,
+    "DeiT-B_16-dist": 87_338_192,
 }
 
 
@@ -496,18 +505,29 @@ def np_attention(x, p, heads):
     return np.einsum("bqhk,hkd->bqd", out, p["out"]["kernel"]) + p["out"]["bias"]
 
 
-def np_encoder_block(x, p, heads):
+def np_encoder_block(x, p, heads, gelu=np_gelu_tanh):
     x = x + np_attention(
         np_layernorm(x, p["LayerNorm_0"]), p["MultiHeadDotProductAttention_0"], heads
     )
     y = np_layernorm(x, p["LayerNorm_1"])
-    y = np_dense(np_gelu_tanh(np_dense(y, p["MlpBlock_0"]["Dense_0"])), p["MlpBlock_0"]["Dense_1"])
+    y = np_dense(gelu(np_dense(y, p["MlpBlock_0"]["Dense_0"])), p["MlpBlock_0"]["Dense_1"])
     return x + y
 
 
 def np_vit(
-    p, x, *, heads, num_layers, classifier, representation_size, num_classes, resnet_stages=None
+    p,
+    x,
+    *,
+    heads,
+    num_layers,
+    classifier,
+    representation_size,
+    num_classes,
+    resnet_stages=None,
+    gelu=np_gelu_tanh,
+    distilled=False,
 ):
+    """The reference forward pass; distilled: (class-token logits, distillation-token logits)."""
     x = np.asarray(x, np.float64)
     if resnet_stages is not None:
         x = np_resnet_stem(p, x, resnet_stages)
@@ -515,10 +535,18 @@ def np_vit(
     if classifier in ("token", "token_unpooled"):
         cls = np.broadcast_to(p["cls"], (x.shape[0], 1, x.shape[2]))
         x = np.concatenate([cls, x], axis=1)  # prepended, then the position table is added
+    if distilled:
+        dist = np.broadcast_to(p["dist_token"], (x.shape[0], 1, x.shape[2]))
+        x = np.concatenate([x[:, :1], dist, x[:, 1:]], axis=1)  # right after the class token
     x = x + p["Transformer"]["posembed_input"]["pos_embedding"]
     for i in range(num_layers):
-        x = np_encoder_block(x, p["Transformer"][f"encoderblock_{i}"], heads)
+        x = np_encoder_block(x, p["Transformer"][f"encoderblock_{i}"], heads, gelu)
     x = np_layernorm(x, p["Transformer"]["encoder_norm"])
+    if distilled:
+        tokens = x[:, 0], x[:, 1]
+        if representation_size is not None:
+            tokens = [np.tanh(np_dense(t, p["pre_logits"])) for t in tokens]
+        return np_dense(tokens[0], p["head"]), np_dense(tokens[1], p["head_dist"])
     if classifier == "token":
         x = x[:, 0]
     elif classifier == "gap":
@@ -1534,3 +1562,161 @@ def test_zoo_takes_the_recipe_options_as_options():
     with pytest.raises(ValueError, match="drop_path_rate") as info:  # a ViT-only option
         models.get_model("Mixer-B_16", num_classes=1, drop_path_rate=0.1)
     assert "head_hidden_size" in str(info.value)  # listed among the valid ones
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. DeiT: the exact GELU and the distillation token.
+
+
+def _mlp_block_output(activation, x, seed=0):
+    block = models_vit.MlpBlock(mlp_dim=16, dropout_rate=0.0, **activation)
+    params = block.init(jax.random.key(seed), x, deterministic=True)["params"]
+    params = randomize(params, seed)
+    out = block.apply({"params": params}, x, deterministic=True)
+    return np.asarray(out), params
+
+
+def test_activation_default_is_the_tanh_gelu_and_gelu_is_exact_erf():
+    x = jnp.asarray(3 * np.random.default_rng(0).standard_normal((2, 5, 8)), jnp.float32)
+    default, params = _mlp_block_output({}, x)
+    tanh, _ = _mlp_block_output({"activation": "gelu_tanh"}, x)
+    erf, _ = _mlp_block_output({"activation": "gelu"}, x)
+    np.testing.assert_array_equal(default, tanh)  # the default is the original's, bit for bit
+    h = x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"]
+    for got, gelu in ((tanh, jax.nn.gelu(h, approximate=True)), (erf, jax.nn.gelu(h, False))):
+        want = gelu @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
+        np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert np.abs(erf - tanh).max() > 1e-4  # the two forms really differ here
+
+
+def test_activation_on_the_whole_model(vit_setup):
+    model, params, x, want = vit_setup
+    explicit = model.clone(activation="gelu_tanh")
+    assert flat_shapes(abstract_init(explicit, VIT_IMAGE)[0]) == flat_shapes(params)
+    np.testing.assert_array_equal(logits(explicit, params, x), want)
+    exact = model.clone(activation="gelu")
+    got = logits(exact, params, x)
+    reference = dict(heads=3, num_layers=2, classifier="token", representation_size=8)
+    golden = np_vit(to_numpy64(params), x, num_classes=5, gelu=np_gelu_erf, **reference)
+    np.testing.assert_allclose(got, golden, rtol=GOLDEN_RTOL, atol=GOLDEN_ATOL)
+    # The two GELUs differ by < 2e-4 anywhere, so the logits move little but well above fp32
+    # noise: the exact model is far closer to the erf reference than to the tanh one.
+    tanh_golden = np_vit(to_numpy64(params), x, num_classes=5, **reference)
+    assert np.abs(got - tanh_golden).max() > 10 * np.abs(got - golden).max()
+    assert np.abs(got - want).max() > 5e-6
+
+
+def test_activation_is_validated():
+    model = tiny_vit(activation="relu")
+    with pytest.raises(ValueError, match="activation='relu'") as info:
+        abstract_init(model, VIT_IMAGE)
+    assert "'gelu_tanh'" in str(info.value) and "'gelu'" in str(info.value)
+
+
+def test_distilled_param_tree_and_initial_values():
+    plain, distilled = tiny_vit(), tiny_vit(distilled=True)
+    base = flat_shapes(abstract_init(plain, VIT_IMAGE)[0])
+    tree = flat_shapes(abstract_init(distilled, VIT_IMAGE)[0])
+    grid = 4 * 6
+    assert base["Transformer/posembed_input/pos_embedding"] == (1, 1 + grid, 12)
+    expected = {
+        **base,
+        "Transformer/posembed_input/pos_embedding": (1, 2 + grid, 12),
+        "dist_token": (1, 1, 12),
+        "head_dist/kernel": (12, 5),
+        "head_dist/bias": (5,),
+    }
+    assert tree == expected
+    assert flat_shapes(abstract_init(tiny_vit(distilled=False), VIT_IMAGE)[0]) == base
+    params = init_params(tiny_vit(distilled=True, head_bias_init=-2.0), VIT_IMAGE)
+    np.testing.assert_array_equal(params["dist_token"], 0.0)
+    np.testing.assert_array_equal(params["head_dist"]["kernel"], 0.0)
+    np.testing.assert_array_equal(params["head_dist"]["bias"], -2.0)  # the head's init
+
+
+@pytest.mark.parametrize("representation_size", [None, 8])
+def test_distilled_golden_train_pair_and_eval_mean(representation_size):
+    model = tiny_vit(distilled=True, activation="gelu", representation_size=representation_size)
+    params = random_params(model, VIT_IMAGE, seed=7)
+    x = images(VIT_IMAGE)
+    want_cls, want_dist = np_vit(
+        to_numpy64(params),
+        x,
+        heads=3,
+        num_layers=2,
+        classifier="token",
+        representation_size=representation_size,
+        num_classes=5,
+        gelu=np_gelu_erf,
+        distilled=True,
+    )
+    assert np.abs(want_cls - want_dist).max() > 0.1  # two different heads on two tokens
+    train = jax.jit(functools.partial(model.apply, train=True))
+    got_cls, got_dist = train({"params": params}, x, rngs={"dropout": rng_key(0)})
+    assert got_cls.dtype == got_dist.dtype == jnp.float32
+    np.testing.assert_allclose(got_cls, want_cls, rtol=GOLDEN_RTOL, atol=GOLDEN_ATOL)
+    np.testing.assert_allclose(got_dist, want_dist, rtol=GOLDEN_RTOL, atol=GOLDEN_ATOL)
+    got = logits(model, params, x)  # train=False: one array, the mean of the two heads
+    assert got.shape == (2, 5)
+    np.testing.assert_allclose(got, (want_cls + want_dist) / 2, rtol=1e-5, atol=1e-5)
+
+
+def test_distilled_without_a_head_returns_the_mean_token():
+    model = tiny_vit(distilled=True, num_classes=0)
+    params = random_params(model, VIT_IMAGE, seed=2)
+    x = images(VIT_IMAGE)
+    _, state = jitted_apply(model, mutable=True)({"params": params}, x)
+    encoded = np.asarray(state["intermediates"]["encoded"][0])
+    for train in (False, True):
+        out = model.apply({"params": params}, x, train=train, rngs={"dropout": rng_key(0)})
+        np.testing.assert_allclose(out, (encoded[:, 0] + encoded[:, 1]) / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("classifier", ["gap", "unpooled", "token_unpooled"])
+def test_distilled_needs_the_token_classifier(classifier):
+    with pytest.raises(ValueError, match=f"distilled=True needs classifier='token'.*{classifier}"):
+        abstract_init(tiny_vit(distilled=True, classifier=classifier), VIT_IMAGE)
+    with pytest.raises(ValueError, match="distilled must be True or False"):
+        abstract_init(tiny_vit(distilled=1), VIT_IMAGE)
+
+
+# name: (timm 1.0.31 name, hidden, distilled). The counts in EXPECTED_PARAM_COUNTS were measured
+# on timm's models at 1000 classes (sum of p.numel()); tests/test_interop_timm_deit.py compares
+# them with timm live where timm imports.
+DEIT_ZOO = {
+    "DeiT-Ti_16": ("deit_tiny_patch16_224", 192, False),
+    "DeiT-S_16": ("deit_small_patch16_224", 384, False),
+    "DeiT-B_16": ("deit_base_patch16_224", 768, False),
+    "DeiT-Ti_16-dist": ("deit_tiny_distilled_patch16_224", 192, True),
+    "DeiT-S_16-dist": ("deit_small_distilled_patch16_224", 384, True),
+    "DeiT-B_16-dist": ("deit_base_distilled_patch16_224", 768, True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEIT_ZOO))
+def test_deit_zoo_entries(name):
+    _, hidden, distilled = DEIT_ZOO[name]
+    config = models.MODEL_CONFIGS[name]
+    assert (config.activation, config.distilled, config.classifier) == ("gelu", distilled, "token")
+    assert config.hidden_size == hidden and tuple(config.patches.size) == (16, 16)
+    assert models_vit.LAYERNORM_EPSILON == 1e-6  # as the original (and timm's DeiT)
+    plain = models.MODEL_CONFIGS[name.replace("DeiT", "ViT").removesuffix("-dist")]
+    extra = 2 * hidden + (hidden + 1) * 1000 if distilled else 0
+    assert EXPECTED_PARAM_COUNTS[name] == EXPECTED_PARAM_COUNTS[plain.model_name] + extra
+    model = models.get_model(name, num_classes=1000)
+    assert (model.activation, model.distilled) == ("gelu", distilled)
+
+
+def test_deit_activation_and_distilled_are_architecture_fields():
+    models.check_model_config(models.get_config("DeiT-S_16-dist"))
+    config = models.get_config("ViT-S_16")
+    config.activation, config.distilled = "gelu_tanh", False  # the defaults, spelled out
+    models.check_model_config(config)
+    config = models.get_config("DeiT-S_16")
+    config.distilled = True
+    with pytest.raises(ValueError, match=r"distilled True \(DeiT-S_16: False\)"):
+        models.check_model_config(config)
+    config = models.get_config("ViT-S_16")
+    config.activation = "gelu"
+    with pytest.raises(ValueError, match=r"activation gelu \(ViT-S_16: gelu_tanh\)"):
+        models.check_model_config(config)

@@ -79,7 +79,8 @@ def test_function_returns_a_fresh_copy(function_name: str) -> None:
 def test_every_zoo_entry_has_a_function() -> None:
     named = list(ORIGINAL_FUNCTIONS.values())
     assert len(set(named)) == len(named)  # one function per model
-    assert set(named) == set(models.MODEL_CONFIGS)
+    # DeiT is not in the original zoo, so no original function names it.
+    assert set(named) == set(models.MODEL_CONFIGS) - set(models.NOT_IN_ORIGINAL)
 
 
 @pytest.mark.parametrize(("function_name", "zoo_name"), list(ORIGINAL_FUNCTIONS.items()))

@@ -568,3 +568,25 @@ def test_non_square_patches_on_a_square_image():
     np.testing.assert_array_equal(table, expected)
     logits = predict.predict(loaded_model, loaded, np.zeros((1, 64, 64, 3), np.float32))
     assert logits.shape == (1, NUM_CLASSES) and np.isfinite(logits).all()
+
+
+def test_distilled_checkpoint_predicts_at_its_size_with_both_heads(tmp_path):
+    no_dropout = {"dropout_rate": 0.0}  # so train=True gives the two heads' exact logits
+    trained = models.get_model(
+        "testing", num_classes=NUM_CLASSES, distilled=True, transformer=no_dropout
+    )
+    params = random_params(trained, 48)  # 3×3 grid + class and distillation rows = 11 rows
+    assert params["Transformer"]["posembed_input"]["pos_embedding"].shape[1] == 11
+    # A plain model would read 10 grid rows (no square grid); the distillation row is counted.
+    assert checkpoint_geometry.infer_image_size(params, trained) == 48
+    checkpoint.save(params, tmp_path / "distilled.npz")
+    model, loaded, image_size = predict.load_for_prediction(tmp_path / "distilled.npz", "testing")
+    assert (model.distilled, model.num_classes, image_size) == (True, NUM_CLASSES, 48)
+    images = np.random.default_rng(0).uniform(-1, 1, (2, 48, 48, 3)).astype(np.float32)
+    logits = predict.predict(model, loaded, images, batch_size=2)
+    cls_logits, dist_logits = trained.apply({"params": params}, images, train=True)
+    np.testing.assert_allclose(logits, (cls_logits + dist_logits) / 2, atol=1e-5, rtol=0)
+    resized, _, size = predict.load_for_prediction(
+        tmp_path / "distilled.npz", "testing", image_size=64
+    )
+    assert size == 64 and resized.distilled

@@ -97,25 +97,32 @@ def attention_rollout(weights: Sequence[Any] | np.ndarray) -> np.ndarray:
 
 
 def cls_attention_map(
-    rollout: np.ndarray, grid_shape: tuple[int, int], *, has_class_token: bool = True
+    rollout: np.ndarray, grid_shape: tuple[int, int], *, has_class_token: bool | int = True
 ) -> np.ndarray:
     """What the pooled output draws from each patch: [batch, grid_h, grid_w].
 
     With a class token (classifier 'token'), the class token's row of the rollout without its
     own column. Without one (classifier 'gap', whose output is the mean of the tokens), the mean
-    of all tokens' rows. The values are the rollout's (not rescaled).
+    of all tokens' rows. A distilled model (DeiT) has two leading special tokens, class and
+    distillation, whose two heads are averaged: pass `has_class_token=2` to get the mean of
+    their two rows, without the special columns. The values are the rollout's (not rescaled).
     """
     rollout = np.asarray(rollout)
     if rollout.ndim != 3 or rollout.shape[1] != rollout.shape[2]:
         raise ValueError(f"Rollout must be [batch, tokens, tokens], got {rollout.shape}.")
     rows, cols = (int(d) for d in grid_shape)
-    patches = rollout.shape[-1] - int(has_class_token)
+    special = int(has_class_token)
+    patches = rollout.shape[-1] - special
     if rows * cols != patches:
         raise ValueError(
             f"Grid {rows}×{cols} has {rows * cols} patches, but the rollout has {patches} patch "
             f"tokens ({rollout.shape[-1]} tokens, class token: {has_class_token})."
         )
-    pooled = rollout[:, 0, 1:] if has_class_token else rollout.mean(axis=1)
+    if special:
+        pooled = rollout[:, 0, special:] if special == 1 else rollout[:, :special, special:]
+        pooled = pooled if special == 1 else pooled.mean(axis=1)
+    else:
+        pooled = rollout.mean(axis=1)
     return pooled.reshape(rollout.shape[0], rows, cols)
 
 
@@ -188,7 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         pixels = predict.load_image(args.image, size)  # eval preprocessing ('resize')
         rollout = attention_rollout(attention_weights(model, params, pixels[None]))
-        has_class_token = model.classifier == "token"
+        # The class token, and a distilled model's distillation token after it.
+        has_class_token = int(model.classifier == "token") + int(model.distilled)
         heat = cls_attention_map(rollout, grid_shape(model, size), has_class_token=has_class_token)
         original = image_folder.read_image(args.image)  # decoded as load_image decodes it
         save_overlay(args.out, original, heat[0], alpha=args.alpha)

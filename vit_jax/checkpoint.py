@@ -7,8 +7,8 @@ encoder layouts, and `load_pretrained`, which adapts a pretrained tree to a new 
 own training checkpoints (optimizer state, resume), which live with the training loop.
 
 Every function here is strict: a mismatch fails with the full list of what differs unless it is
-one that fine-tuning changes on purpose (head, head_hidden, pre_logits, class token, position
-table).
+one that fine-tuning changes on purpose (head, head_hidden, pre_logits, class token,
+distillation token and its head, position table).
 """
 
 from __future__ import annotations
@@ -412,12 +412,17 @@ def _linear_resize_axis(x: np.ndarray, axis: int, n_out: int) -> np.ndarray:
     return np.take(x, low, axis=axis) * (1 - frac) + np.take(x, high, axis=axis) * frac
 
 
+def special_rows(params: Mapping[str, Any]) -> int:
+    """Leading position-table rows before the patch grid: class token, distillation token."""
+    return int("cls" in params) + int("dist_token" in params)
+
+
 def interpolate_posembed(
     posemb: np.ndarray,
     num_tokens: int,
-    has_class_token: bool,
+    has_class_token: bool | int,
     *,
-    new_has_class_token: bool | None = None,
+    new_has_class_token: bool | int | None = None,
     old_grid_shape: tuple[int, int] | None = None,
     new_grid_shape: tuple[int, int] | None = None,
 ) -> np.ndarray:
@@ -434,25 +439,29 @@ def interpolate_posembed(
         without the class row. Going token → no token drops the class row. Going no token →
         token prepends a zero row: no learned row exists, and zero leaves the class token with no
         positional bias until fine-tuning learns one.
-    `num_tokens` counts the class row when the new table has one.
+      * two special rows (a distilled model's class and distillation tokens): pass the number
+        of leading rows, 0, 1 or 2, as `has_class_token` / `new_has_class_token` (`special_rows`
+        counts a tree's). The first rows the two tables share are kept in order; a row the new
+        table has beyond the old one's is zero (as above), one the old has beyond the new is
+        dropped (2 → 1 keeps the class row, drops the distillation row).
+    `num_tokens` counts the special rows of the new table.
     """
     posemb = np.asarray(posemb)
     if posemb.ndim != 3 or posemb.shape[0] != 1:
         raise CheckpointError(f"Position table must have shape (1, N, D), got {posemb.shape}.")
     new_has_class_token = has_class_token if new_has_class_token is None else new_has_class_token
-    if has_class_token:
-        class_row, grid = posemb[:, :1], posemb[0, 1:]
-    else:
-        class_row, grid = None, posemb[0]
-    new_grid_tokens = num_tokens - int(new_has_class_token)
+    old_special, new_special = int(has_class_token), int(new_has_class_token)
+    for count in (old_special, new_special):
+        if count not in (0, 1, 2):
+            raise CheckpointError(f"A position table has 0, 1 or 2 special rows, not {count}.")
+    special, grid = posemb[:, :old_special], posemb[0, old_special:]
+    new_grid_tokens = num_tokens - new_special
     old_shape = _grid_shape(len(grid), old_grid_shape, "old")
     new_shape = _grid_shape(new_grid_tokens, new_grid_shape, "new")
     grid = resample_grid(grid.reshape(*old_shape, -1), new_shape).reshape(1, new_grid_tokens, -1)
-    if not new_has_class_token:
-        return grid
-    if class_row is None:
-        class_row = np.zeros((1, 1, grid.shape[-1]), grid.dtype)
-    return np.concatenate([class_row, grid], axis=1)
+    special = special[:, :new_special]
+    padding = np.zeros((1, new_special - special.shape[1], grid.shape[-1]), grid.dtype)
+    return np.concatenate([special.astype(grid.dtype), padding, grid], axis=1)
 
 
 def _grid_shape(tokens: int, given: tuple[int, int] | None, which: str) -> tuple[int, int]:
@@ -461,13 +470,13 @@ def _grid_shape(tokens: int, given: tuple[int, int] | None, which: str) -> tuple
         if rows * cols != tokens:
             raise CheckpointError(
                 f"The {which} grid shape {(rows, cols)} has {rows * cols} cells, but the {which} "
-                f"position table has {tokens} grid rows (class row excluded)."
+                f"position table has {tokens} grid rows (class/distillation rows excluded)."
             )
         return rows, cols
     side = math.isqrt(tokens)
     if side * side != tokens:
         raise CheckpointError(
-            f"The {which} position table has {tokens} grid rows (class row excluded), which is "
+            f"The {which} position table has {tokens} grid rows (special rows excluded), which is "
             f"not a square grid; pass {which}_grid_shape=(rows, cols)."
         )
     return side, side
@@ -491,9 +500,14 @@ def load_pretrained(
     has them, and are dropped when the new model has none; `pre_logits` is dropped when the
     new model has no representation layer, or taken from `init_params` when only the new model
     has one; the class token follows the new model; the position table is resampled to the
-    new length (see `interpolate_posembed`). Anything else that differs (missing, extra or
-    mis-shaped keys) fails with one error listing all of it. The pretrained file may be in
-    either numbering and either encoder layout; the result has the layout of `init_params`.
+    new length (see `interpolate_posembed`). A distilled checkpoint (DeiT's `dist_token`) into
+    a model without one loses `dist_token`, its position row and `head_dist`; a checkpoint
+    without one into a distilled model gets a fresh `dist_token` and `head_dist` from
+    `init_params` and a zero position row for it. Both are legitimate fine-tuning starts, and
+    both are logged as warnings naming what was dropped or initialised. Anything else that
+    differs (missing, extra or mis-shaped keys) fails with one error listing all of it. The
+    pretrained file may be in either numbering and either encoder layout; the result has the
+    layout of `init_params`.
     `model_config` is accepted for compatibility with the original signature and used only in
     messages; the new model's structure is read from `init_params`.
     """
@@ -509,8 +523,9 @@ def load_pretrained(
     return restored
 
 
-# The head's layers, which fine-tuning always re-initialises (a new task's outputs).
-FRESH_HEAD_KEYS = ("head", "head_hidden")
+# The head's layers, which fine-tuning always re-initialises (a new task's outputs); `head_dist*`
+# are a distilled model's second head.
+FRESH_HEAD_KEYS = ("head", "head_hidden", "head_dist", "head_dist_hidden")
 
 
 def adapt_for_finetuning(
@@ -542,6 +557,18 @@ def adapt_for_finetuning(
         elif key not in expected and key in params:
             logging.info("load_pretrained: %s dropped (the new model has none)", key)
             del params[key]
+    if "dist_token" in params and "dist_token" not in expected:
+        logging.warning(
+            "load_pretrained: the checkpoint is distilled but the model is not: dist_token, its "
+            "position row and head_dist are dropped (fine-tuning as a plain classifier)"
+        )
+        del params["dist_token"]
+    elif "dist_token" in expected and "dist_token" not in params:
+        logging.warning(
+            "load_pretrained: the model is distilled but the checkpoint is not: dist_token and "
+            "head_dist are freshly initialised, the distillation position row is zero"
+        )
+        params["dist_token"] = expected["dist_token"]
 
     posemb_path = ("Transformer", "posembed_input", "pos_embedding")
     old = _get_path(params, posemb_path)
@@ -550,8 +577,8 @@ def adapt_for_finetuning(
         resampled = interpolate_posembed(
             old,
             np.shape(new)[1],
-            has_class_token="cls" in restored,
-            new_has_class_token="cls" in expected,
+            has_class_token=special_rows(restored),
+            new_has_class_token=special_rows(expected),
             old_grid_shape=old_grid_shape,
             new_grid_shape=new_grid_shape,
         )

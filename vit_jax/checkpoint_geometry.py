@@ -43,7 +43,8 @@ def infer_image_size(
 ) -> int:
     """The square input resolution the checkpoint was trained at.
 
-    ViT: the position table's grid (rows without the class row when the checkpoint has `cls`)
+    ViT: the position table's grid (rows without the class row when the checkpoint has `cls`,
+    and without the distillation row when it has `dist_token`)
     × patch size × the hybrid stem's stride. Mixer: the token-mixing width (= number of patches)
     × patch size. Only array shapes are read, so `jax.eval_shape` trees work too. A grid that
     no square image gives needs `grid_shape=(rows, cols)` (a checkpoint does not record it),
@@ -107,7 +108,7 @@ def checkpoint_grid(
         what = "Mixer token-mixing"
     else:
         tokens = _shape(params, ("Transformer", "posembed_input", "pos_embedding"))[1]
-        tokens -= int("cls" in params)
+        tokens -= checkpoint.special_rows(params)  # class and distillation token rows
         what = "position"
     option = "checkpoint_grid_shape=(rows, cols)"
     flag = "--overrides='{\"checkpoint_grid_shape\": [rows, cols]}'"
@@ -120,7 +121,7 @@ def checkpoint_grid(
         if rows * cols != tokens:
             raise checkpoint.CheckpointError(
                 f"checkpoint_grid_shape={(rows, cols)} has {rows * cols} cells, but the "
-                f"checkpoint's {what} table has {tokens} grid tokens (class row excluded)."
+                f"checkpoint's {what} table has {tokens} grid tokens (special rows excluded)."
             )
         return rows, cols
     # The grid of a square image: rows × patch_h = cols × patch_w, rows × cols = tokens.
@@ -133,7 +134,7 @@ def checkpoint_grid(
     size = ", and the square resolution to predict at (--image_size / image_size=)"
     size = "" if image_size_given else size
     raise checkpoint.CheckpointError(
-        f"The checkpoint's {what} table has {tokens} grid tokens (class row excluded), which is "
+        f"The checkpoint's {what} table has {tokens} grid tokens (special rows excluded), which is "
         f"not the grid of a square image of {patch_h}×{patch_w} px patches, and a checkpoint "
         f"does not record its grid ({shown} all have {tokens}). Pass the grid it was trained "
         f"at as {option} (command line: {flag}){size}."
@@ -155,8 +156,8 @@ def resample_position_table(
     resampled = checkpoint.interpolate_posembed(
         old,
         new_shape[1],
-        "cls" in params,
-        new_has_class_token="cls" in expected,
+        checkpoint.special_rows(params),
+        new_has_class_token=checkpoint.special_rows(expected),
         old_grid_shape=old_grid,
         new_grid_shape=new_grid,
     )

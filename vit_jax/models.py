@@ -3,7 +3,9 @@
 `MODEL_CONFIGS[name]` is a frozen ml_collections config holding the constructor arguments of
 `VisionTransformer` or `MlpMixer` (all but `num_classes`), so `VisionTransformer(
 num_classes=10, **MODEL_CONFIGS['ViT-B_16'])` works as in the original. Sizes live in one table
-per family below; the tiny `testing` models live in the same table.
+per family below; the tiny `testing` models live in the same table. Besides the original's
+models the zoo has DeiT (`DeiT-{Ti,S,B}_16` and the distilled `DeiT-{Ti,S,B}_16-dist`), whose
+configs add `activation='gelu'` and `distilled` to the ViT table row of their size.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from vit_jax.models_vit import VisionTransformer, check_num_classes
 
 __all__ = [
     "MODEL_CONFIGS",
+    "NOT_IN_ORIGINAL",
     "MlpMixer",
     "VisionTransformer",
     "check_model_config",
@@ -53,6 +56,20 @@ _VIT_TABLE: dict[str, tuple] = {
     "R50+ViT-B_16": (768, 3072, 12, 12, 1, 0.1, ((3, 4, 9), 1), "token"),
     "R50+ViT-L_32": (1024, 4096, 16, 24, 1, 0.1, ((3, 4, 6, 3), 1), "token"),
 }
+
+# DeiT (ImageNet-1k only, trained in PyTorch): the ViT of the same size with exact GELU, and the
+# distilled variants with a distillation token and its head `head_dist`. Not in the original zoo.
+# name: (ViT table row it shares, distilled)
+_DEIT_TABLE: dict[str, tuple[str, bool]] = {
+    "DeiT-Ti_16": ("ViT-Ti_16", False),
+    "DeiT-S_16": ("ViT-S_16", False),
+    "DeiT-B_16": ("ViT-B_16", False),
+    "DeiT-Ti_16-dist": ("ViT-Ti_16", True),
+    "DeiT-S_16-dist": ("ViT-S_16", True),
+    "DeiT-B_16-dist": ("ViT-B_16", True),
+}
+# The zoo entries the original package does not have (so no original config function names them).
+NOT_IN_ORIGINAL = tuple(_DEIT_TABLE)
 
 # name: (hidden, blocks, tokens_mlp_dim, channels_mlp_dim, patch)
 _MIXER_TABLE: dict[str, tuple] = {
@@ -88,6 +105,14 @@ def _vit_config(name: str, row: tuple) -> ml_collections.ConfigDict:
     return config
 
 
+def _deit_config(name: str, row: tuple[str, bool]) -> ml_collections.ConfigDict:
+    base, distilled = row
+    config = _vit_config(name, _VIT_TABLE[base])
+    config.activation = "gelu"
+    config.distilled = distilled
+    return config
+
+
 def _mixer_config(name: str, row: tuple) -> ml_collections.ConfigDict:
     hidden, blocks, tokens_mlp_dim, channels_mlp_dim, patch = row
     return ml_collections.ConfigDict(
@@ -118,13 +143,19 @@ ARCHITECTURE_FIELDS = (
     "num_blocks",
     "tokens_mlp_dim",
     "channels_mlp_dim",
+    "activation",
+    "distilled",
 )
+# What an architecture field absent from a config means (the model's default), so a config that
+# spells out a default matches a zoo entry that leaves it out.
+_FIELD_DEFAULTS = {"activation": "gelu_tanh", "distilled": False}
 # Zoo entries whose architecture fields a config may set freely (the tiny test-bed models,
 # e.g. sized up by the offline default job).
 FREE_FORM = ("testing", "testing-unpooled")
 
 MODEL_CONFIGS: dict[str, ml_collections.FrozenConfigDict] = {
     **{n: ml_collections.FrozenConfigDict(_vit_config(n, r)) for n, r in _VIT_TABLE.items()},
+    **{n: ml_collections.FrozenConfigDict(_deit_config(n, r)) for n, r in _DEIT_TABLE.items()},
     **{n: ml_collections.FrozenConfigDict(_mixer_config(n, r)) for n, r in _MIXER_TABLE.items()},
 }
 
@@ -211,8 +242,10 @@ def _field_value(config: Any, dotted: str) -> Any:
     node = config
     for part in dotted.split("."):
         if node is None or not hasattr(node, "get"):
-            return None
+            return _FIELD_DEFAULTS.get(dotted)
         node = node.get(part)
+    if node is None:
+        return _FIELD_DEFAULTS.get(dotted)
     return tuple(node) if isinstance(node, (list, tuple)) else node
 
 

@@ -10,6 +10,9 @@ original lacks (`dtype`, `matmul_dtype`, `attention_impl`, `remat_policy`, `scan
 stacks the encoder blocks under one `encoderblock` entry (`vit_jax.checkpoint.scan_params` /
 `unscan_params` convert between the layouts). The head options (`head_hidden_size`, the
 `features` argument; `vit_jax.model_heads`) add or widen head parameters only when used.
+`activation` (the MLP blocks' GELU) never changes the tree; `distilled=True` (DeiT's
+distillation token, `vit_jax.model_heads`) adds `dist_token`, `head_dist` and one position row,
+and then returns a (class, distillation) logits pair in training.
 
 Named intermediates: apply with `mutable=['intermediates']` to get the encoder's per-token
 output (`encoded`), the pooled `pre_logits` (at `pre_logits/__call__`) and, with
@@ -35,6 +38,12 @@ from vit_jax import model_heads, models_resnet, stochastic_depth
 from vit_jax.matmul_precision import rounded_dot_general
 
 CLASSIFIERS = ("token", "gap", "unpooled", "token_unpooled")
+# The MLP blocks' GELU: 'gelu_tanh' is the original's (tanh approximation); 'gelu' is the exact
+# erf form of PyTorch's nn.GELU, which weights trained in PyTorch (DeiT and others) expect.
+ACTIVATIONS = {
+    "gelu_tanh": functools.partial(nn.gelu, approximate=True),
+    "gelu": functools.partial(nn.gelu, approximate=False),
+}
 # 'flax' is the original's attention (flax.linen.dot_product_attention); the others call
 # jax.nn.dot_product_attention with implementation None ('auto'), 'xla' or 'cudnn'.
 ATTENTION_IMPLS = ("flax", "auto", "xla", "cudnn")
@@ -79,10 +88,14 @@ def validate_options(
     batch_chunks: int = 1,
     matmul_dtype: Any = None,
     drop_path_rate: float = 0.0,
+    activation: str = "gelu_tanh",
+    distilled: bool = False,
 ) -> None:
     """Raises ValueError listing the valid values when an option is unknown or out of range."""
     stochastic_depth.check_drop_path_rate(drop_path_rate)
     _validate_choice("classifier", classifier, CLASSIFIERS)
+    _validate_choice("activation", activation, tuple(ACTIVATIONS))
+    model_heads.check_distilled(distilled, classifier)
     if matmul_dtype is not None and _float_dtype(matmul_dtype) is None:
         raise ValueError(
             f"matmul_dtype must be None or a floating dtype such as jnp.bfloat16, got "
@@ -165,7 +178,7 @@ class AddPositionEmbs(nn.Module):
 
 
 class MlpBlock(nn.Module):
-    """Dense → GELU (tanh approximation) → Dropout → Dense → Dropout."""
+    """Dense → GELU (`activation`, default the tanh approximation) → Dropout → Dense → Dropout."""
 
     mlp_dim: int
     dtype: Any = jnp.float32
@@ -174,6 +187,7 @@ class MlpBlock(nn.Module):
     kernel_init: Callable[..., jax.Array] = nn.initializers.xavier_uniform()
     bias_init: Callable[..., jax.Array] = nn.initializers.normal(stddev=1e-6)
     dot_general: Callable[..., jax.Array] | None = None  # None: jax.lax.dot_general
+    activation: str = "gelu_tanh"  # a key of ACTIVATIONS
 
     @nn.compact
     def __call__(self, inputs: jax.Array, *, deterministic: bool) -> jax.Array:
@@ -186,7 +200,7 @@ class MlpBlock(nn.Module):
             dot_general=self.dot_general,
         )
         x = dense(features=self.mlp_dim)(inputs)
-        x = nn.gelu(x, approximate=True)
+        x = ACTIVATIONS[self.activation](x)
         x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
         x = dense(features=out_dim)(x)
         return nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
@@ -210,6 +224,7 @@ class Encoder1DBlock(nn.Module):
     attention_impl: str = "flax"
     matmul_dtype: Any = None
     scanned: bool = False
+    activation: str = "gelu_tanh"
 
     @nn.compact
     def __call__(
@@ -259,6 +274,7 @@ class Encoder1DBlock(nn.Module):
             dtype=self.dtype,
             dropout_rate=self.dropout_rate,
             dot_general=dot_general,
+            activation=self.activation,
         )(y, deterministic=deterministic)
         if drop_path is not None:
             y, keep_mlp = stochastic_depth.drop_path(y, rate, mlp_key)
@@ -294,6 +310,7 @@ class Encoder(nn.Module):
     batch_chunks: int = 1
     matmul_dtype: Any = None
     drop_path_rate: float = 0.0
+    activation: str = "gelu_tanh"
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         chunks = math.gcd(self.batch_chunks, x.shape[0])
@@ -322,6 +339,7 @@ class Encoder(nn.Module):
             attention_dropout_rate=self.attention_dropout_rate,
             attention_impl=self.attention_impl,
             matmul_dtype=self.matmul_dtype,
+            activation=self.activation,
         )
         drops = None
         if train and self.drop_path_rate > 0:
@@ -387,6 +405,12 @@ class VisionTransformer(nn.Module):
         drop_path_rate·i/(L-1), using the 'dropout' rng. 0 (the default) is off.
       head_hidden_size: 0 / None (the default): the single Dense `head`; an int: Dense
         `head_hidden` of that width and exact GELU before the head (`vit_jax.model_heads`).
+      activation: the MLP blocks' GELU, a key of ACTIVATIONS: 'gelu_tanh' (the original's
+        tanh approximation, the default) or 'gelu' (exact erf, for weights trained in PyTorch).
+      distilled: DeiT's distillation token (classifier='token' only): a `dist_token` after the
+        class token, a position table with two leading special rows, and a second head
+        `head_dist` on that token. In training the model returns the pair (class-token logits,
+        distillation-token logits); in evaluation their mean (`vit_jax.model_heads`).
 
     `__call__(inputs, *, train, features=None)`: `features`, [batch, F], are concatenated to
     the pooled `pre_logits` output before the head (pooled classifiers only).
@@ -410,6 +434,8 @@ class VisionTransformer(nn.Module):
     matmul_dtype: Any = None
     drop_path_rate: float = 0.0
     head_hidden_size: int | None = None
+    activation: str = "gelu_tanh"
+    distilled: bool = False
 
     @property
     def patch_size(self) -> tuple[int, int]:
@@ -418,7 +444,7 @@ class VisionTransformer(nn.Module):
     @nn.compact
     def __call__(
         self, inputs: jax.Array, *, train: bool, features: jax.Array | None = None
-    ) -> jax.Array:
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
         validate_options(
             classifier=self.classifier,
             attention_impl=self.attention_impl,
@@ -426,6 +452,8 @@ class VisionTransformer(nn.Module):
             batch_chunks=self.batch_chunks,
             matmul_dtype=self.matmul_dtype,
             drop_path_rate=self.drop_path_rate,
+            activation=self.activation,
+            distilled=self.distilled,
         )
         check_num_classes(self.num_classes)
         model_heads.check_head_hidden_size(self.head_hidden_size)
@@ -458,6 +486,8 @@ class VisionTransformer(nn.Module):
         if self.classifier in ("token", "token_unpooled"):
             cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
             x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (n, 1, 1)), x], axis=1)
+        if self.distilled:
+            x = model_heads.insert_dist_token(self, x)
 
         x = self.encoder(
             name="Transformer",
@@ -473,10 +503,13 @@ class VisionTransformer(nn.Module):
             batch_chunks=self.batch_chunks,
             matmul_dtype=self.matmul_dtype,
             drop_path_rate=self.drop_path_rate,
+            activation=self.activation,
         )(x, train=train)
         self.sow("intermediates", "encoded", x)
 
-        if self.classifier == "token":
+        if self.distilled:
+            x = x[:, :2]  # class and distillation tokens, pooled and classified alike
+        elif self.classifier == "token":
             x = x[:, 0]
         elif self.classifier == "gap":
             x = jnp.mean(x, axis=1)
@@ -486,15 +519,16 @@ class VisionTransformer(nn.Module):
         else:
             x = IdentityLayer(name="pre_logits")(x)
 
-        x = model_heads.head(
-            x,
-            features,
+        head = functools.partial(
+            model_heads.head,
             num_classes=self.num_classes,
             hidden_size=self.head_hidden_size,
             bias_init=self.head_bias_init,
             dtype=self.dtype,
         )
-        return x.astype(jnp.float32)
+        if self.distilled:
+            return model_heads.distilled_heads(head, x, features, train=train)
+        return head(x, features).astype(jnp.float32)
 
 
 def stem_stride(resnet: Any | None) -> int:

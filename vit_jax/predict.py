@@ -103,11 +103,12 @@ def prepare_for_prediction(
     """Builds zoo model `model_name` for loaded `params` and checks the params fit it.
 
     `num_classes` comes from the checkpoint's head and, for a ViT, `representation_size` from
-    its `pre_logits` (released ImageNet-21k files have one, fine-tuned ones do not), unless
-    given in `overrides`. The resolution is the checkpoint's
-    (`checkpoint_geometry.infer_image_size`) unless `image_size` is given, in which case the
-    position table is resampled to the new grid as fine-tuning does. Anything else that differs
-    from the model fails with one error listing every missing, extra and mis-shaped parameter.
+    its `pre_logits` (released ImageNet-21k files have one, fine-tuned ones do not) and
+    `distilled` from its `dist_token`, unless given in `overrides`. The resolution is the
+    checkpoint's (`checkpoint_geometry.infer_image_size`) unless `image_size` is given, in
+    which case the position table is resampled to the new grid as fine-tuning does. Anything
+    else that differs from the model fails with one error listing every missing, extra and
+    mis-shaped parameter.
 
     `checkpoint_grid_shape=(rows, cols)` is the patch grid the checkpoint was trained at; it is
     needed only when its position table is not a square grid (on the command line of
@@ -126,6 +127,7 @@ def prepare_for_prediction(
             kwargs["representation_size"] = int(np.shape(pre_logits["kernel"])[-1])
         else:
             kwargs["representation_size"] = None
+        kwargs["distilled"] = "dist_token" in params  # DeiT's distillation token and head
     kwargs.update(overrides)
     model = models.get_model(model_name, **kwargs)
     classifier = getattr(model, "classifier", "gap")
