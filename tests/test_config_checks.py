@@ -112,3 +112,10 @@ def test_recipe_options_reach_the_model_and_are_checked():
     config.drop_path_rate, config.head_hidden_size = 0.0, -3
     with pytest.raises(ValueError, match="head_hidden_size"):
         run_config.validate_config(config, 8, 8)
+
+
+def test_a_distilled_model_is_refused_by_plain_classification():
+    config = finetune.get_config("DeiT-S_16-dist,cifar10")
+    with pytest.raises(ValueError, match=r"DeiT-S_16-dist has a distillation token.*DeiT-S_16\)"):
+        run_config.validate_config(config, 8, 8)
+    run_config.validate_config(finetune.get_config("DeiT-S_16,cifar10"), 8, 8)

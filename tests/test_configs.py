@@ -44,7 +44,13 @@ def test_model_config_rejects_unknown_names_and_keys():
 # ----------------------------------------------------------------------------------------------
 # Run configs: default, pretrain and finetune recipes (the ViT paper, the original's configs).
 
-POOLED = [n for n, c in models.MODEL_CONFIGS.items() if c.get("classifier", "gap") in POOLING]
+# Models the classification recipes train: pooled, and without a distillation token (a
+# distilled model's second head needs a teacher; the classification task refuses it).
+POOLED = [
+    n
+    for n, c in models.MODEL_CONFIGS.items()
+    if c.get("classifier", "gap") in POOLING and not c.get("distilled")
+]
 FINETUNE_DATASETS = [*(d for d in finetune.PRESETS if d != finetune.FOLDER), "folder:/data/x"]
 # dataset: (train split, test split, total steps, warmup steps), as in the original's configs.
 RECIPE_STEPS = {
