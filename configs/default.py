@@ -9,10 +9,11 @@ Two phases, run in order by `train.train_phases`, each a full `common.get_config
   (`pretrained='phase:pretrain'`), the position table resampled from 4×4 to 8×8 and a fresh head.
 The final test accuracy of the fine-tuned model is printed. Override a phase's key with e.g.
 `--config.finetune.total_steps=100`.
-Measured on a 2-core AVX512-BF16 CPU (2026-12-01): 4 min 24 s wall, final test accuracy
-0.9389 (360 test examples; 0.9306 after pretraining). The same machine ran the code before the
-train step's double compilation was removed 1.4× slower on a 1000 + 50 step version of this
-job (1 min 31 s against 1 min 5 s, same accuracy), so compare wall times within one run only.
+Measured on 2-core AVX512-BF16 CPUs: an AMD EPYC (Zen 4), 2026-12-02: 3 min 16 s wall, final
+test accuracy 0.9556 (360 test examples; 0.9194 after pretraining), the same on a rerun; an
+Intel Xeon, 2026-12-01: 4 min 24 s, 0.9389 (0.9306 after pretraining). The two CPUs' kernels
+round differently, so the accuracy differs between machines (not between runs on one); compare
+wall times within one run only.
 """
 
 from __future__ import annotations
