@@ -165,6 +165,7 @@ def test_helpshort_says_how_configs_presets_and_overrides_work():
     for needed in (
         "configs/finetune.py:MODEL,DATASET",
         "configs/pretrain.py:MODEL",
+        "configs/regression.py:MODEL,CSV",
         "--config.KEY=VALUE",
         "configs/common.py",
         "--config.finetune.KEY",

@@ -9,12 +9,15 @@ Configs (--config):
                                        cifar10, cifar100, imagenet2012, oxford_iiit_pet,
                                        oxford_flowers102, folder:/path/to/images
   configs/pretrain.py:MODEL            ImageNet-21k pretraining recipe, e.g. ViT-B_16
+  configs/regression.py:MODEL,CSV      regression fine-tuning (Kaggle Pawpularity layout), e.g.
+                                       ViT-B_16,/data/petfinder/train.csv; --config.csv.fold=I
 Overrides: --config.KEY=VALUE after --config, e.g. --config.pretrained=ViT-B_16.npz,
   --config.batch_size=256, --config.model.transformer.dropout_rate=0.1. Every key is declared,
   with its default and a one-line comment, in configs/common.py; an undeclared key is an error.
   The default job has two phases: their keys are --config.pretrain.KEY and --config.finetune.KEY.
-Outputs in --workdir: params.npz (released format), checkpoints/ (rerun the same command to
-  resume), train.log and TensorBoard event files. --verbose shows framework log lines and
+Outputs in --workdir: params.npz (released format), task.json (for predict), checkpoints/
+  (rerun the same command to resume), train.log and TensorBoard event files; with
+  --config.keep_best=True also best_params.npz. --verbose shows framework log lines and
   tracebacks.
 Multi-host: the same command once per host with --distributed (Cloud TPU pods, SLURM, Open MPI,
   Kubernetes are detected) or --coordinator_address=HOST:PORT --num_processes=N
