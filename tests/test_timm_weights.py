@@ -13,6 +13,8 @@ torchvision's import needs `tests/_torchvision_shim.py`.
 from __future__ import annotations
 
 import importlib.util
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -208,3 +210,17 @@ def test_unknown_keys_are_listed():
     state["fc_norm.weight"] = np.ones(192, np.float32)
     with pytest.raises(CheckpointError, match=r"1 unknown key\(s\).*fc_norm.weight"):
         timm_weights.convert(state, "ViT-Ti_16", transformer={"num_layers": 1})
+
+
+def test_readme_command_parses():
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    commands = [
+        shlex.split(line)[3:]
+        for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+        for line in block.replace("\\\n", " ").splitlines()
+        if line.startswith("python -m vit_jax.timm_weights")
+    ]
+    assert commands
+    for args in commands:
+        parsed = timm_weights.build_parser().parse_args(args)
+        assert parsed.model in models.MODEL_CONFIGS and parsed.checkpoint and parsed.out

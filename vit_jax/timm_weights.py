@@ -51,6 +51,7 @@ TIMM_TO_ZOO = {
     "vit_base_patch32_*": "ViT-B_32",
     "vit_large_patch16_* (incl. .mae)": "ViT-L_16",
     "vit_large_patch32_*": "ViT-L_32",
+    "vit_base_patch8_*": "ViT-B_8",
     "vit_huge_patch14_* (incl. .mae)": "ViT-H_14",
     "deit_{tiny,small,base}_patch16_*": "DeiT-{Ti,S,B}_16",
     "deit_{tiny,small,base}_distilled_patch16_*": "DeiT-{Ti,S,B}_16-dist",
