@@ -23,6 +23,9 @@ INSTALL_REQUIRES = [
     "pillow>=13.0",
     "scikit-learn>=1.9",  # ships the embedded offline dataset (handwritten digits).
     "absl-py>=2.5",
+    # `vit_jax.timm_weights` reads timm's .safetensors weights with it, without torch (small,
+    # no dependencies of its own); .pth files need the interop extra's torch.
+    "safetensors>=0.8",
 ]
 
 # What colab/*.ipynb needs beyond the package: a kernel and plots.
