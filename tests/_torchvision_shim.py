@@ -60,3 +60,20 @@ def ensure_torchvision_importable() -> bool:
     import torchvision  # noqa: F401
 
     return True
+
+
+INSTALL = "timm interop tests need torch, torchvision and timm: pip install -e '.[interop]'"
+
+
+def require_timm():
+    """(torch, timm) for a timm interop test module, or a module-level skip saying what to install.
+
+    Called at the top of the module: torch first, then torchvision made importable (above),
+    then timm.
+    """
+    import pytest
+
+    torch = pytest.importorskip("torch", reason=INSTALL)
+    ensure_torchvision_importable()
+    pytest.importorskip("torchvision", reason=INSTALL)
+    return torch, pytest.importorskip("timm", reason=INSTALL)

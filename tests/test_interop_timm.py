@@ -22,9 +22,7 @@ CPU-only torch, torchvision's import needs `tests/_torchvision_shim.py`.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
-from pathlib import Path
 
 import flax
 import jax
@@ -32,26 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests._torchvision_shim import require_timm
 from vit_jax import checkpoint
 from vit_jax.models_vit import VisionTransformer
 
-_INSTALL = "timm interop tests need torch, torchvision and timm: pip install -e '.[interop]'"
-torch = pytest.importorskip("torch", reason=_INSTALL)
-
-
-def _load_shim():
-    """Loads tests/_torchvision_shim.py by path (works with any pytest import mode)."""
-    spec = importlib.util.spec_from_file_location(
-        "_torchvision_shim", Path(__file__).with_name("_torchvision_shim.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_load_shim().ensure_torchvision_importable()
-pytest.importorskip("torchvision", reason=_INSTALL)
-pytest.importorskip("timm", reason=_INSTALL)
+torch, timm = require_timm()
 from timm.models import vision_transformer as timm_vit  # noqa: E402
 
 # A small ViT: 32 px images, 8 px patches (4x4 grid), 2 blocks.

@@ -14,33 +14,15 @@ torchvision's import needs `tests/_torchvision_shim.py`.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests._torchvision_shim import require_timm
 from vit_jax import models
 
-_INSTALL = "timm interop tests need torch, torchvision and timm: pip install -e '.[interop]'"
-torch = pytest.importorskip("torch", reason=_INSTALL)
-
-
-def _load_shim():
-    """Loads tests/_torchvision_shim.py by path (works with any pytest import mode)."""
-    spec = importlib.util.spec_from_file_location(
-        "_torchvision_shim", Path(__file__).with_name("_torchvision_shim.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_load_shim().ensure_torchvision_importable()
-pytest.importorskip("torchvision", reason=_INSTALL)
-timm = pytest.importorskip("timm", reason=_INSTALL)
+torch, timm = require_timm()
 
 TIMM_NAMES = {
     "DeiT-Ti_16": "deit_tiny_patch16_224",

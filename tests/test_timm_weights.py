@@ -12,7 +12,6 @@ torchvision's import needs `tests/_torchvision_shim.py`.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shlex
 import sys
@@ -22,26 +21,12 @@ import jax
 import numpy as np
 import pytest
 
+from tests._torchvision_shim import INSTALL, require_timm
 from vit_jax import checkpoint, models, timm_weights
 from vit_jax.checkpoint import CheckpointError
 
-_INSTALL = "timm interop tests need torch, torchvision and timm: pip install -e '.[interop]'"
-torch = pytest.importorskip("torch", reason=_INSTALL)
-safetensors_torch = pytest.importorskip("safetensors.torch", reason=_INSTALL)
-
-
-def _load_shim():
-    spec = importlib.util.spec_from_file_location(
-        "_torchvision_shim", Path(__file__).with_name("_torchvision_shim.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_load_shim().ensure_torchvision_importable()
-pytest.importorskip("torchvision", reason=_INSTALL)
-timm = pytest.importorskip("timm", reason=_INSTALL)
+torch, timm = require_timm()
+safetensors_torch = pytest.importorskip("safetensors.torch", reason=INSTALL)
 
 IMAGE, CLASSES = 32, 10
 ATOL = 1e-4  # fp32 logits of magnitude ~1 (measured agreement ~1e-6)
