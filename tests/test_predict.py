@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax import checkpoint, checkpoint_geometry, input_pipeline, models, predict
+from vit_jax import checkpoint, checkpoint_geometry, input_pipeline, models, predict, tasks
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".." / "shared" / "data"
@@ -590,3 +590,24 @@ def test_distilled_checkpoint_predicts_at_its_size_with_both_heads(tmp_path):
         tmp_path / "distilled.npz", "testing", image_size=64
     )
     assert size == 64 and resized.distilled
+
+
+@needs_photos
+def test_a_workdir_names_the_classes_it_trained_on(saved, tmp_path, capsys):
+    """Without --labels, a workdir's task.json supplies the class names; --labels still wins."""
+    path, _, _ = saved
+    shutil.copy(path, tmp_path / checkpoint.PARAMS_FILE)
+    names = [f"class_{i}" for i in range(NUM_CLASSES)]
+    task = {"task": "classification", "loss": "softmax_xent", "class_names": names}
+    (tmp_path / tasks.INFO_FILE).write_text(json.dumps(task))
+    args = [f"--checkpoint={tmp_path}", "--model=testing", "--json", "--top_k=2", photos(1)[0]]
+    assert predict.main(args) == 0
+    top = json.loads(capsys.readouterr().out)[0]["top_k"]
+    assert [e["label"] for e in top] == [names[e["class"]] for e in top]
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(f"other_{i}" for i in range(NUM_CLASSES)))
+    assert predict.main([*args[:-1], f"--labels={labels}", photos(1)[0]]) == 0
+    top = json.loads(capsys.readouterr().out)[0]["top_k"]
+    assert [e["label"] for e in top] == [f"other_{e['class']}" for e in top]
+    assert predict.main([*args[:-1], f"--csv={tmp_path / 's.csv'}", photos(1)[0]]) == 2
+    assert "--csv applies to regression checkpoints" in capsys.readouterr().err

@@ -392,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--labels",
         help=(
-            "Class names, one per line, in the head's order. ImageNet-1k: "
+            "Class names, one per line, in the head's order (default for a training workdir: "
+            "the class names it trained on, from its task.json). ImageNet-1k: "
             f"{IMAGENET1K_LABELS_URL}; ImageNet-21k: {IMAGENET21K_LABELS_URL}."
         ),
     )
@@ -488,9 +489,11 @@ def _setup(
         if getattr(args, flag) and not regression:
             raise ValueError(f"--{flag} applies to regression checkpoints; this one classifies.")
     params = load_params(args.checkpoint)
-    labels = (
-        read_labels(args.labels, checkpoint_geometry.head_size(params)) if args.labels else None
-    )
+    num_classes = checkpoint_geometry.head_size(params)
+    labels = read_labels(args.labels, num_classes) if args.labels else None
+    trained_names = (info or {}).get("class_names")
+    if labels is None and not regression and trained_names and len(trained_names) == num_classes:
+        labels = list(trained_names)  # the class names the run trained on (its task.json)
     model, params, image_size = prepare_for_prediction(
         params,
         args.model,
