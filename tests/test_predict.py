@@ -611,3 +611,14 @@ def test_a_workdir_names_the_classes_it_trained_on(saved, tmp_path, capsys):
     assert [e["label"] for e in top] == [f"other_{e['class']}" for e in top]
     assert predict.main([*args[:-1], f"--csv={tmp_path / 's.csv'}", photos(1)[0]]) == 2
     assert "--csv applies to regression checkpoints" in capsys.readouterr().err
+    # A sigmoid-trained run's task.json says so: its probabilities are per-class sigmoids, as
+    # --sigmoid gives for the bare .npz.
+    (tmp_path / tasks.INFO_FILE).write_text(json.dumps({**task, "loss": "sigmoid_xent"}))
+    assert predict.main(args) == 0
+    from_task = json.loads(capsys.readouterr().out)[0]["top_k"]
+    bare = [f"--checkpoint={path}", "--model=testing", "--json", "--top_k=2", "--sigmoid"]
+    assert predict.main([*bare, photos(1)[0]]) == 0
+    explicit = json.loads(capsys.readouterr().out)[0]["top_k"]
+    assert [(e["class"], e["prob"]) for e in from_task] == [
+        (e["class"], e["prob"]) for e in explicit
+    ]

@@ -124,6 +124,14 @@ def test_eval_sums_rmse_and_mae_over_real_examples_on_8_devices_by_hand():
         ({"regression.target_range": (5, 1)}, r"target_range=\(5, 1\) must be \(low, high\)"),
         ({"regression.target_range": (1,)}, r"target_range=\(1,\) must be \(low, high\)"),
         (
+            {"csv.feature_columns": ("Eyes",)},
+            r"csv.feature_columns=\('Eyes',\) needs a 'csv:' dataset \(got dataset='sklearn_",
+        ),
+        (
+            {"model": common.model_config("DeiT-Ti_16-dist")},
+            "DeiT-Ti_16-dist has a distillation token.*task='regression' cannot train it",
+        ),
+        (
             {"dataset": "csv:/data/train.csv", "csv.fold": 7},
             r"CsvSpec.fold=7 is outside 0 … 4 \(num_folds=5\).*set by --config.csv.<key>",
         ),
@@ -260,7 +268,7 @@ def test_pawpularity_fold_runs_end_to_end_and_predict_writes_the_submission(
     submission = tmp_path / "submission.csv"
     argv = [
         "--checkpoint",
-        str(workdir),
+        str(workdir / resumable.BEST_PARAMS_FILE),  # the early-stopping result; task.json beside
         "--model",
         "testing",
         "--overrides",
@@ -283,6 +291,11 @@ def test_pawpularity_fold_runs_end_to_end_and_predict_writes_the_submission(
     # Without the features the head was trained with: one error saying what to pass.
     assert predict.main(argv[:6] + images) == 2
     assert "--features_csv" in capsys.readouterr().err
+    # A test id left out of the images: the submission lacks it, and the run says so.
+    assert predict.main(argv[: -len(images)] + images[1:]) == 0
+    err = capsys.readouterr().err
+    assert f"1 id(s) of {root / 'test.csv'} were not among the images" in err and "test00" in err
+    assert "test00" not in submission.read_text()
 
 
 @pytest.mark.parametrize("model", ["ViT-B_16", "R50+ViT-B_16", "ViT-L_16", "Mixer-B_16"])
@@ -294,10 +307,10 @@ def test_regression_recipe_validates_for_zoo_models(model):
     assert config.image_size == 224 and config.head_hidden_size == 128 and config.keep_best
     # Ten epochs of the 7,930 training images of a fold, evaluated once per epoch.
     assert config.total_steps == 10 * config.eval_every == 10 * math.ceil(7_930 / 128)
-    assert regression_recipe.CSV == "csv:"  # written out; the pipeline's prefix must agree
     from vit_jax import input_pipeline
 
-    assert input_pipeline.CSV_PREFIX == regression_recipe.CSV
+    # Written out (no TensorFlow import for a recipe or a task); the pipeline's must agree.
+    assert input_pipeline.CSV_PREFIX == regression_recipe.CSV == regression.CSV_PREFIX
 
 
 def test_regression_recipe_argument_errors():
@@ -305,3 +318,30 @@ def test_regression_recipe_argument_errors():
         regression_recipe.get_config("ViT-B_16")
     with pytest.raises(ValueError, match="takes '<model>,<path to the training CSV>'"):
         regression_recipe.get_config("ViT-B_16,/data/petfinder/train")
+
+
+def test_best_params_follow_the_task_metric_and_survive_only_a_resume(tmp_path):
+    """`keep_best` bookkeeping: the lowest RMSE's params are kept; a resumed run keeps an
+    earlier best only up to the step it resumes from; a fresh run ignores an old best.json."""
+    task = regression.Regression(_config(), _info())
+
+    def params(value):  # replicated over 2 devices, as the loop passes them
+        return {"w": np.full((2, 3), value, np.float32)}
+
+    best = resumable.BestParams(str(tmp_path), task.is_better)
+    assert best.update(100, {"rmse": 2.0}, params(1.0))
+    assert best.update(200, {"rmse": 1.5}, params(2.0))
+    assert not best.update(300, {"rmse": 1.7}, params(3.0))
+    saved = json.loads((tmp_path / resumable.BEST_RESULT_FILE).read_text())
+    assert (saved["step"], saved["metrics"]["rmse"]) == (200, 1.5)
+    np.testing.assert_array_equal(checkpoint.load(best.params_file)["w"], [2.0, 2.0, 2.0])
+    # Resumed from step 250: the best of step 200 stands, a worse step-300 result does not win.
+    resumed = resumable.BestParams(str(tmp_path), task.is_better, start_step=250)
+    assert resumed.result["step"] == 200
+    assert not resumed.update(300, {"rmse": 1.7}, params(3.0))
+    # Resumed from step 150: step 200 is judged again (its result replays), not assumed.
+    assert resumable.BestParams(str(tmp_path), task.is_better, start_step=150).result is None
+    # A run from scratch in the same workdir starts over: its first result is the best.
+    fresh = resumable.BestParams(str(tmp_path), task.is_better)
+    assert fresh.update(50, {"rmse": 9.0}, params(5.0))
+    np.testing.assert_array_equal(checkpoint.load(best.params_file)["w"], [5.0, 5.0, 5.0])

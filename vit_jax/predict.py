@@ -419,7 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
         help='Model overrides as JSON, e.g. \'{"hidden_size": 64, "patches": {"size": [4, 4]}}\'.',
     )
     parser.add_argument(
-        "--sigmoid", action="store_true", help="Per-class sigmoid (sigmoid-trained heads)."
+        "--sigmoid",
+        action="store_true",
+        help="Per-class sigmoid (sigmoid-trained heads; a workdir's task.json says so itself).",
     )
     parser.add_argument(
         "--csv",
@@ -463,7 +465,7 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None) -> int
         k=args.top_k,
         labels=labels,
         eval_crop=args.eval_crop,
-        sigmoid=args.sigmoid,
+        sigmoid=args.sigmoid or (info or {}).get("loss") == "sigmoid_xent",
     )
     errors = [r["error"] for r in results if "error" in r]
     for message in errors:

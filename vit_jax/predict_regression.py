@@ -189,4 +189,28 @@ def run(
             results, args.csv, info.get("id_column", "Id"), info["target_names"]
         )
         print(f"wrote {rows} rows to {args.csv}", file=sys.stderr)
+        if errors:
+            print(
+                f"warning: {args.csv} lacks the {len(errors)} image(s) above that could not be "
+                "read; a Kaggle submission needs a row for every test id.",
+                file=sys.stderr,
+            )
+        if args.features_csv:
+            unused = _ids_without_images(args.features_csv, info, args.images)
+            if unused:
+                print(
+                    f"warning: {len(unused)} id(s) of {args.features_csv} were not among the "
+                    f"images, so {args.csv} has no row for them: {', '.join(unused[:5])}"
+                    f"{' …' if len(unused) > 5 else ''}",
+                    file=sys.stderr,
+                )
     return 1 if errors else 0
+
+
+def _ids_without_images(
+    features_csv: str, info: Mapping[str, Any], paths: Sequence[str]
+) -> list[str]:
+    """Ids of the features CSV (e.g. Kaggle's test.csv) that no given image has, in file order."""
+    table = csv_dataset.read_features(features_csv, info["id_column"], info["feature_columns"])
+    given = {image_id(p) for p in paths}
+    return [i for i in table if i not in given]

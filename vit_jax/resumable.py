@@ -183,19 +183,24 @@ def _check_same_layout(restored: Any, target: Any) -> None:
 class BestParams:
     """The best evaluation so far (by the task's `is_better`) and its params, in the workdir.
 
-    `best.json` holds the step and metrics of the params in `best_params.npz`; a resumed run
-    reads it back, so the best is kept across restarts. Process 0 writes both files (the params
-    first, so `best.json` never names params that are not on disk).
+    `best.json` holds the step and metrics of the params in `best_params.npz`. A resumed run
+    (`start_step` > 0) reads it back, so the best is kept across restarts; a run from step 0
+    ignores (and overwrites) what an earlier run in the same workdir left. Process 0 writes
+    both files (the params first, so `best.json` never names params that are not on disk).
     """
 
-    def __init__(self, workdir: str, is_better):
+    def __init__(self, workdir: str, is_better, start_step: int = 0):
         self.params_file = os.path.join(workdir, BEST_PARAMS_FILE)
         self._result_file = os.path.join(workdir, BEST_RESULT_FILE)
         self._is_better = is_better
         self.result: dict[str, Any] | None = None
-        if os.path.exists(self._result_file) and os.path.exists(self.params_file):
+        if start_step and os.path.exists(self._result_file) and os.path.exists(self.params_file):
             with open(self._result_file) as f:
-                self.result = json.load(f)
+                result = json.load(f)
+            # Kept only if the resumed run had reached it: a later one was judged by steps the
+            # resumed run replays (deterministically) and judges again.
+            if result["step"] <= start_step:
+                self.result = result
 
     def update(self, step: int, metrics: Mapping[str, float], params: Any) -> bool:
         """Keeps `params` if `metrics` beat the best so far; returns whether they did.

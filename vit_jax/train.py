@@ -269,7 +269,7 @@ def _setup(
 
     p_eval_step = make_eval_step(model, task)
     eval_batches = run_config.eval_batches(config, task)
-    best = resumable.BestParams(workdir, task.is_better) if config.keep_best else None
+    best = resumable.BestParams(workdir, task.is_better, start_step) if config.keep_best else None
 
     def run_eval(params, step: int) -> Metrics:
         metrics = evaluate(p_eval_step, params, eval_batches, task)

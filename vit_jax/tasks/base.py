@@ -46,6 +46,14 @@ class Task(abc.ABC):
     @classmethod
     def check_config(cls, config: ml_collections.ConfigDict) -> None:
         """ValueError for options this task cannot run with (loss, task-specific keys)."""
+        if config.model.get("distilled"):
+            raise ValueError(
+                f"{config.model.model_name} has a distillation token, whose head learns from a "
+                f"teacher; task={cls.name!r} cannot train it. Train the model without it "
+                f"(e.g. {config.model.model_name.removesuffix('-dist')}), or fine-tune a "
+                "distilled checkpoint into that plain model (the token is dropped, with a "
+                "warning)."
+            )
         if config.loss not in cls.losses:
             raise ValueError(
                 f"Unknown loss={config.loss!r} for task={cls.name!r}; valid values: "

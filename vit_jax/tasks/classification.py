@@ -34,14 +34,6 @@ class Classification(Task):
     @classmethod
     def check_config(cls, config: ml_collections.ConfigDict) -> None:
         super().check_config(config)
-        if config.model.get("distilled"):
-            raise ValueError(
-                f"{config.model.model_name} has a distillation token, whose head learns from a "
-                "teacher; plain classification cannot train it. Train the model without it "
-                f"(e.g. {config.model.model_name.removesuffix('-dist')}), or fine-tune a "
-                "distilled checkpoint into that plain model (the token is dropped, with a "
-                "warning)."
-            )
         if config.label_smoothing and config.loss != "softmax_xent":
             raise ValueError("label_smoothing applies to loss='softmax_xent' only.")
         if not 0.0 <= config.label_smoothing < 1.0:

@@ -27,6 +27,7 @@ import optax
 from vit_jax.tasks.base import ApplyFn, Batch, Metrics, Task
 
 LOSSES = ("mse", "sigmoid_bce")
+CSV_PREFIX = "csv:"  # input_pipeline.CSV_PREFIX (tests check they agree)
 
 
 class Regression(Task):
@@ -59,6 +60,12 @@ class Regression(Task):
                     f"{key}={config[key]} is a classification option; set it to 0 for "
                     "task='regression'."
                 )
+        if config.csv.feature_columns and not config.dataset.startswith(CSV_PREFIX):
+            raise ValueError(
+                f"csv.feature_columns={tuple(config.csv.feature_columns)} needs a "
+                f"'{CSV_PREFIX}' dataset (got dataset={config.dataset!r}); unset it or read "
+                "the images and their columns from a CSV."
+            )
         target_range = tuple(config.regression.target_range)
         if target_range:
             numbers = all(isinstance(v, int | float) and math.isfinite(v) for v in target_range)
