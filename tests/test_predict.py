@@ -622,3 +622,14 @@ def test_a_workdir_names_the_classes_it_trained_on(saved, tmp_path, capsys):
     assert [(e["class"], e["prob"]) for e in from_task] == [
         (e["class"], e["prob"]) for e in explicit
     ]
+    # Its eval_crop too: the workdir's default preprocessing is the one its evaluation used.
+    cropped = {**task, "eval_crop": "resize_small_crop"}
+    (tmp_path / tasks.INFO_FILE).write_text(json.dumps(cropped))
+    assert predict.main(args) == 0
+    from_task = json.loads(capsys.readouterr().out)[0]["top_k"]
+    bare[-1] = "--eval_crop=resize_small_crop"
+    assert predict.main([*bare, photos(1)[0]]) == 0
+    explicit = json.loads(capsys.readouterr().out)[0]["top_k"]
+    assert from_task == [{**e, "label": names[e["class"]]} for e in explicit]
+    assert predict.main([*bare[:-1], photos(1)[0]]) == 0  # 'resize': other numbers
+    assert json.loads(capsys.readouterr().out)[0]["top_k"] != explicit

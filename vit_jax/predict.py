@@ -408,9 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--eval_crop",
-        default="resize",
         choices=input_pipeline.EVAL_CROPS,
-        help="Evaluation preprocessing the model was evaluated with (config.eval_crop).",
+        help="Evaluation preprocessing the model was evaluated with (config.eval_crop; default: "
+        "a workdir's, from its task.json, else 'resize').",
     )
     parser.add_argument(
         "--overrides",
@@ -455,6 +455,7 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None) -> int
         print(f"error: {e}", file=sys.stderr)
         return 2
     predictor, image_size, labels, info = setup
+    args.eval_crop = args.eval_crop or (info or {}).get("eval_crop") or "resize"
     if info is not None and info["task"] == "regression":
         load = functools.partial(load_image, eval_crop=args.eval_crop)
         return predict_regression.run(args, predictor, image_size, info, load, stdout)

@@ -117,4 +117,5 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def inference_info(self) -> dict[str, Any]:
-        """What `predict` needs to turn outputs into predictions (saved as `task.json`)."""
+        """What `predict` needs to turn outputs into predictions (saved as `task.json`), and
+        the evaluation preprocessing (`eval_crop`), so predict sees what evaluation saw."""

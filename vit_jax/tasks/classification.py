@@ -92,6 +92,7 @@ class Classification(Task):
             "task": self.name,
             "loss": self.config.loss,
             "class_names": list(names) if names else None,
+            "eval_crop": self.config.eval_crop,
         }
 
 

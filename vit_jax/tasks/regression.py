@@ -147,6 +147,7 @@ class Regression(Task):
             "offset": list(self.offset),
             "scale": list(self.scale),
             "output": "sigmoid" if self.config.loss == "sigmoid_bce" else "identity",
+            "eval_crop": self.config.eval_crop,
             "num_features": int(self.info.num_features),
             "id_column": self.config.csv.id_column,
             "feature_columns": list(self.config.csv.feature_columns) if self.use_features else [],
