@@ -31,7 +31,7 @@ import functools
 import json
 import os
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TextIO
 
 import flax.linen as nn
@@ -253,6 +253,43 @@ class Predictor:
             return np.zeros((0, self.model.num_classes), np.float32)
         return np.concatenate(outputs)
 
+    def over_files(
+        self,
+        paths: Sequence[str],
+        load: Callable[[str], np.ndarray],
+        features: np.ndarray | None = None,
+    ) -> list[tuple[np.ndarray | None, str | None]]:
+        """(outputs, None) or (None, error message) per image file, in order.
+
+        Files are loaded `batch_size` at a time, so memory does not grow with their number;
+        a file `load` cannot read (`ImageError`) is reported and the others still predicted.
+        `features` [N, F] go with the files of the same index.
+        """
+        rows: list[tuple[np.ndarray | None, str | None]] = []
+        pending: list[int] = []
+        images: list[np.ndarray] = []
+
+        def flush():
+            if pending:
+                extra = None if features is None else np.asarray(features)[pending]
+                for index, out in zip(pending, self(np.stack(images), extra), strict=True):
+                    rows[index] = (out, None)
+                pending.clear()
+                images.clear()
+
+        for index, path in enumerate(paths):
+            rows.append((None, None))
+            try:
+                images.append(load(path))
+            except ImageError as e:
+                rows[index] = (None, str(e))
+                continue
+            pending.append(index)
+            if len(pending) == self.batch_size:
+                flush()
+        flush()
+        return rows
+
 
 def predict(
     model: nn.Module,
@@ -322,31 +359,20 @@ def classify(
     'prob': p}, ...]}`, or `{'image': path, 'error': message}` for a file that cannot be read.
     Images are read `predictor.batch_size` at a time, so memory does not grow with their number.
     """
+    paths = list(paths)
+    rows = predictor.over_files(paths, lambda path: load_image(path, image_size, eval_crop))
     results: list[dict[str, Any]] = []
-    pending: list[tuple[dict[str, Any], np.ndarray]] = []
-
-    def flush():
-        if not pending:
-            return
-        logits = predictor(np.stack([image for _, image in pending]))
-        indices, values = top_k(probabilities(logits, sigmoid=sigmoid), k)
-        for (result, _), row_idx, row_val in zip(pending, indices, values, strict=True):
+    for path, (logits, error) in zip(paths, rows, strict=True):
+        result: dict[str, Any] = {"image": path}
+        if error is not None:
+            result["error"] = error
+        else:
+            indices, values = top_k(probabilities(logits[None], sigmoid=sigmoid), k)
             result["top_k"] = [
                 {"class": int(i), "label": labels[i] if labels else None, "prob": float(p)}
-                for i, p in zip(row_idx, row_val, strict=True)
+                for i, p in zip(indices[0], values[0], strict=True)
             ]
-        pending.clear()
-
-    for path in paths:
-        result: dict[str, Any] = {"image": path}
         results.append(result)
-        try:
-            pending.append((result, load_image(path, image_size, eval_crop)))
-        except ImageError as e:
-            result["error"] = str(e)
-        if len(pending) == predictor.batch_size:
-            flush()
-    flush()
     return results
 
 

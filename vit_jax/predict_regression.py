@@ -93,32 +93,18 @@ def regress(
     An unreadable file gives `{'image', 'id', 'error'}` and the others are still predicted.
     Images are read `predictor.batch_size` at a time.
     """
-    results: list[dict[str, Any]] = []
-    pending: list[tuple[dict[str, Any], np.ndarray, np.ndarray | None]] = []
+    paths = list(paths)
     names = info["target_names"]
-
-    def flush():
-        if not pending:
-            return
-        rows = None if features is None else np.stack([f for _, _, f in pending])
-        outputs = predictor(np.stack([image for _, image, _ in pending]), rows)
-        values = regression.to_values(np.asarray(outputs, np.float64), info)
-        for (result, _, _), row in zip(pending, values, strict=True):
-            result["values"] = {name: float(v) for name, v in zip(names, row, strict=True)}
-        pending.clear()
-
-    for index, path in enumerate(paths):
+    rows = predictor.over_files(paths, lambda path: load_image(path, image_size), features)
+    results: list[dict[str, Any]] = []
+    for path, (outputs, error) in zip(paths, rows, strict=True):
         result: dict[str, Any] = {"image": path, "id": image_id(path)}
-        results.append(result)
-        try:
-            image = load_image(path, image_size)
-        except ValueError as e:  # predict.ImageError
-            result["error"] = str(e)
+        if error is not None:
+            result["error"] = error
         else:
-            pending.append((result, image, None if features is None else features[index]))
-        if len(pending) == predictor.batch_size:
-            flush()
-    flush()
+            values = regression.to_values(np.asarray(outputs, np.float64), info)
+            result["values"] = {name: float(v) for name, v in zip(names, values, strict=True)}
+        results.append(result)
     return results
 
 
