@@ -77,13 +77,25 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim_dtype = "float32"  # dtype of SGD momentum / Adam first moment: float32 or bfloat16
     c.weight_decay = 0.0  # decoupled weight decay, adamw only, kernels only
     # Objective: the task decides targets, head, loss and metrics (vit_jax.tasks).
-    c.task = "classification"  # 'classification' or 'regression'
+    c.task = "classification"  # 'classification', 'regression' or 'distillation' (DeiT)
     # Classification: 'softmax_xent', 'sigmoid_xent' (multi-hot); regression: 'mse', 'sigmoid_bce'.
     c.loss = "softmax_xent"
     c.label_smoothing = 0.0  # mass moved uniformly over all classes (softmax_xent only)
     c.mixup_alpha = 0.0  # mixup Beta(alpha, alpha) mixing of images and labels (0 = off)
+    c.cutmix_alpha = 0.0  # cutmix: a Beta(alpha, alpha)-sized box of another image (0 = off);
+    # with both on, each batch gets one of them (half the batches each)
     c.regression = ml_collections.ConfigDict()
     c.regression.target_range = ()  # sigmoid_bce: (low, high) mapped to [0, 1]; () = the data's
+    # Distillation (task='distillation'): a trained teacher's outputs train the student's
+    # distillation head (DeiT-*-dist models), or its one head for a plain model.
+    c.distill = ml_collections.ConfigDict()
+    c.distill.teacher_model = ""  # the teacher's zoo name
+    c.distill.teacher_checkpoint = ""  # its trained params: a .npz or a training workdir
+    c.distill.teacher_image_size = 0  # its input size (0 = its checkpoint's); batches resized
+    c.distill.teacher_overrides = ""  # JSON model overrides of a non-zoo teacher architecture
+    c.distill.type = "hard"  # 'hard' (the teacher's argmax) or 'soft' (KL at temperature tau)
+    c.distill.alpha = 0.1  # soft: weight of the KL term (hard: ½ and ½, as in the paper)
+    c.distill.tau = 3.0  # soft: temperature
     c.seed = 0  # init, dropout and data-order seed
     # Schedule of side work (in steps; 0 = only at the end).
     c.eval_every = 0  # evaluate on test_split every this many steps, and at the end

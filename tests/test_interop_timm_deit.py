@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from tests._torchvision_shim import require_timm
-from vit_jax import models
+from vit_jax import models, models_vit
 
 torch, timm = require_timm()
 
@@ -137,8 +137,12 @@ def test_distilled_deit_tiny_logits_equal_timms():
     )
 
     x = np.random.default_rng(1).uniform(-1, 1, (3, image, image, 3)).astype(np.float32)
+    # The pipelines give [-1, 1]; timm's DeiT takes ImageNet mean/std-normalised pixels, which
+    # the zoo's DeiT (input_norm='imagenet') computes from them itself.
+    mean, std = (np.array(v, np.float32) for v in models_vit.INPUT_NORMS["imagenet"])
+    x_timm = ((x + 1) / 2 - mean) / std
     with torch.no_grad():
-        x_torch = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+        x_torch = torch.from_numpy(x_timm.transpose(0, 3, 1, 2).copy())
         features = reference.forward_features(x_torch)
         want_cls = reference.head(features[:, 0]).numpy()
         want_dist = reference.head_dist(features[:, 1]).numpy()
@@ -154,4 +158,7 @@ def test_distilled_deit_tiny_logits_equal_timms():
     # The exact GELU matters at this tolerance: the tanh form is visibly off.
     tanh = ours.clone(activation="gelu_tanh")
     off = jax.jit(lambda p, x: tanh.apply({"params": p}, x, train=False))(params, x)
+    assert np.abs(np.asarray(off) - want).max() > 10 * np.abs(np.asarray(got) - want).max()
+    unnormalised = ours.clone(input_norm="inception")  # and so does the input normalisation
+    off = jax.jit(lambda p, x: unnormalised.apply({"params": p}, x, train=False))(params, x)
     assert np.abs(np.asarray(off) - want).max() > 10 * np.abs(np.asarray(got) - want).max()

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from tests._torchvision_shim import INSTALL, require_timm
-from vit_jax import checkpoint, models, timm_weights
+from vit_jax import checkpoint, models, models_vit, timm_weights
 from vit_jax.checkpoint import CheckpointError
 
 torch, timm = require_timm()
@@ -58,7 +58,13 @@ def _inputs(seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).uniform(-1, 1, (3, IMAGE, IMAGE, 3)).astype(np.float32)
 
 
-def _timm_logits(model, x: np.ndarray) -> np.ndarray:
+def _timm_logits(model, x: np.ndarray, zoo_name: str = "ViT-Ti_16") -> np.ndarray:
+    """timm's logits for our pipeline's [-1, 1] images, normalised as `zoo_name`'s weights
+    expect (DeiT: ImageNet mean/std, which our model computes itself)."""
+    mean, std = models_vit.INPUT_NORMS[
+        models.MODEL_CONFIGS[zoo_name].get("input_norm", "inception")
+    ]
+    x = ((x + 1) / 2 - np.array(mean, np.float32)) / np.array(std, np.float32)
     with torch.no_grad():
         return model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
 
@@ -79,7 +85,7 @@ def test_converted_logits_equal_timms(tmp_path, timm_name, zoo_name):
     path = _save(reference, tmp_path / "model.safetensors")
     params = timm_weights.convert(timm_weights.load_state_dict(path), zoo_name)
     x = _inputs()
-    want = _timm_logits(reference, x)
+    want = _timm_logits(reference, x, zoo_name)
     assert np.abs(want).max() > 0.5
     np.testing.assert_allclose(_our_logits(zoo_name, params, x), want, atol=ATOL, rtol=0)
 
@@ -136,7 +142,10 @@ def test_command_line_round_trip(tmp_path, capsys):
     params = checkpoint.load(out)
     x = _inputs()
     np.testing.assert_allclose(
-        _our_logits("DeiT-Ti_16-dist", params, x), _timm_logits(reference, x), atol=ATOL, rtol=0
+        _our_logits("DeiT-Ti_16-dist", params, x),
+        _timm_logits(reference, x, "DeiT-Ti_16-dist"),
+        atol=ATOL,
+        rtol=0,
     )
 
 

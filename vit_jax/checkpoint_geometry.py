@@ -4,8 +4,9 @@ This module owns reading a checkpoint's geometry from its shapes alone (so `jax.
 trees work too): the class count of its head (`head_size`), its patch grid (`checkpoint_grid`:
 the position table's, or a Mixer's token-mixing width), the input resolution that grid and the
 model's patches give (`infer_image_size`), and resampling the position table to another grid
-(`resample_position_table`, as fine-tuning does). `vit_jax.predict` uses them to fit a
-checkpoint to a zoo model. It does not own the checkpoint format or the resampling itself
+(`resample_position_table`, as fine-tuning does), and with them the fitting of a checkpoint to
+a zoo model (`model_for_checkpoint`), which `predict` and distillation's teacher use. It does
+not own the checkpoint format or the resampling itself
 (`vit_jax.checkpoint`), nor the models (`vit_jax.models_vit`, `vit_jax.models_mixer`).
 """
 
@@ -16,9 +17,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import checkpoint, models_mixer, models_vit
+from vit_jax import checkpoint, model_heads, models, models_mixer, models_vit
 
 Params = dict[str, Any]
 
@@ -164,3 +167,87 @@ def resample_position_table(
     transformer = dict(params["Transformer"])
     transformer["posembed_input"] = {**transformer["posembed_input"], "pos_embedding": resampled}
     return {**params, "Transformer": transformer}
+
+
+def model_for_checkpoint(
+    params: Mapping[str, Any],
+    model_name: str,
+    *,
+    image_size: int | None = None,
+    checkpoint_grid_shape: Sequence[int] | None = None,
+    num_features: int = 0,
+    **overrides: Any,
+) -> tuple[nn.Module, Params, int]:
+    """Builds zoo model `model_name` for loaded `params` and checks the params fit it.
+
+    `num_classes` comes from the checkpoint's head and, for a ViT, `representation_size` from
+    its `pre_logits` (released ImageNet-21k files have one, fine-tuned ones do not) and
+    `distilled` from its `dist_token`, unless given in `overrides`. The resolution is the
+    checkpoint's (`infer_image_size`) unless `image_size` is given, in
+    which case the position table is resampled to the new grid as fine-tuning does. Anything
+    else that differs from the model fails with one error listing every missing, extra and
+    mis-shaped parameter.
+
+    `checkpoint_grid_shape=(rows, cols)` is the patch grid the checkpoint was trained at; it is
+    needed only when its position table is not a square grid (on the command line of
+    `vit_jax.predict` / `vit_jax.attention`: `--overrides='{"checkpoint_grid_shape": [2, 3]}'`).
+    An MLP head (`head_hidden`) is read from the params; `num_features` is the width of the
+    per-image features a regression head also reads (its `task.json` says).
+    """
+    params = dict(params)
+    kwargs: dict[str, Any] = {"num_classes": head_size(params)}
+    head_hidden = params.get("head_hidden")
+    if isinstance(head_hidden, Mapping) and "kernel" in head_hidden:  # an MLP head
+        kwargs["head_hidden_size"] = int(np.shape(head_hidden["kernel"])[-1])
+    if models.model_class(model_name) is models_vit.VisionTransformer:
+        pre_logits = params.get("pre_logits")
+        if isinstance(pre_logits, Mapping) and "kernel" in pre_logits:
+            kwargs["representation_size"] = int(np.shape(pre_logits["kernel"])[-1])
+        else:
+            kwargs["representation_size"] = None
+        kwargs["distilled"] = "dist_token" in params  # DeiT's distillation token and head
+    kwargs.update(overrides)
+    model = models.get_model(model_name, **kwargs)
+    classifier = getattr(model, "classifier", "gap")
+    if classifier not in model_heads.POOLED_CLASSIFIERS:
+        raise ValueError(
+            f"Model {model_name!r} has classifier={classifier!r}, which gives one prediction per "
+            f"token; prediction needs one of {', '.join(model_heads.POOLED_CLASSIFIERS)}."
+        )
+    is_vit = isinstance(model, models_vit.VisionTransformer)
+    old_grid = None  # a Mixer at a given image_size needs none: its shapes must match as they are
+    if is_vit or image_size is None:
+        old_grid = checkpoint_grid(
+            params, model, checkpoint_grid_shape, image_size_given=image_size is not None
+        )
+    if image_size is None:
+        size = infer_image_size(params, model, grid_shape=old_grid)
+    else:
+        size = int(image_size)
+    if size <= 0:
+        raise ValueError(f"image_size must be positive, got {size}.")
+    features = {}
+    if num_features:
+        features["features"] = jax.ShapeDtypeStruct((1, num_features), jnp.float32)
+    shapes = jax.eval_shape(
+        lambda x, kw: model.init(jax.random.PRNGKey(0), x, train=False, **kw),
+        jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),
+        features,
+    )["params"]
+    if checkpoint.is_scanned(shapes):
+        shapes = checkpoint.unscan_params(shapes)
+    if is_vit:
+        (patch_h, patch_w), stride = patch_and_stride(model)
+        new_grid = (size // (patch_h * stride), size // (patch_w * stride))
+        if new_grid != old_grid:
+            params = resample_position_table(params, shapes, old_grid, new_grid)
+    try:
+        params = checkpoint.inspect_params(params=params, expected=shapes)
+    except checkpoint.CheckpointError as e:
+        raise checkpoint.CheckpointError(
+            f"The checkpoint does not fit model {model_name!r} at {size} px (is the model name "
+            f"right? a non-zoo architecture needs its overrides). {e}"
+        ) from None
+    if getattr(model, "scan", False):
+        params = checkpoint.scan_params(params)
+    return model, params, size

@@ -5,7 +5,8 @@
 num_classes=10, **MODEL_CONFIGS['ViT-B_16'])` works as in the original. Sizes live in one table
 per family below; the tiny `testing` models live in the same table. Besides the original's
 models the zoo has DeiT (`DeiT-{Ti,S,B}_16` and the distilled `DeiT-{Ti,S,B}_16-dist`), whose
-configs add `activation='gelu'` and `distilled` to the ViT table row of their size.
+configs add `activation='gelu'`, `input_norm='imagenet'` and `distilled` to the ViT table row of
+their size.
 """
 
 from __future__ import annotations
@@ -102,6 +103,10 @@ def _vit_config(name: str, row: tuple) -> ml_collections.ConfigDict:
         config.resnet = None
     config.classifier = classifier
     config.representation_size = None
+    # Declared for every ViT so the command line can set them (--config.model.activation=gelu
+    # --config.model.input_norm=imagenet for an MAE encoder converted from timm).
+    config.activation = "gelu_tanh"
+    config.input_norm = "inception"
     return config
 
 
@@ -110,6 +115,7 @@ def _deit_config(name: str, row: tuple[str, bool]) -> ml_collections.ConfigDict:
     config = _vit_config(name, _VIT_TABLE[base])
     config.activation = "gelu"
     config.distilled = distilled
+    config.input_norm = "imagenet"  # trained on ImageNet mean/std-normalised pixels
     return config
 
 

@@ -44,6 +44,14 @@ ACTIVATIONS = {
     "gelu_tanh": functools.partial(nn.gelu, approximate=True),
     "gelu": functools.partial(nn.gelu, approximate=False),
 }
+# What the weights expect of the pixels. Every pipeline gives the model x/127.5 − 1, the
+# original's ('inception': mean = std = 0.5 per channel); weights trained in PyTorch on ImageNet
+# mean/std inputs (DeiT, MAE; timm's `pretrained_cfg`) need 'imagenet', which the model applies
+# to its input itself, so training, evaluation, predict and attention maps all feed it right.
+INPUT_NORMS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
 # 'flax' is the original's attention (flax.linen.dot_product_attention); the others call
 # jax.nn.dot_product_attention with implementation None ('auto'), 'xla' or 'cudnn'.
 ATTENTION_IMPLS = ("flax", "auto", "xla", "cudnn")
@@ -90,11 +98,13 @@ def validate_options(
     drop_path_rate: float = 0.0,
     activation: str = "gelu_tanh",
     distilled: bool = False,
+    input_norm: str = "inception",
 ) -> None:
     """Raises ValueError listing the valid values when an option is unknown or out of range."""
     stochastic_depth.check_drop_path_rate(drop_path_rate)
     _validate_choice("classifier", classifier, CLASSIFIERS)
     _validate_choice("activation", activation, tuple(ACTIVATIONS))
+    _validate_choice("input_norm", input_norm, tuple(INPUT_NORMS))
     model_heads.check_distilled(distilled, classifier)
     if matmul_dtype is not None and _float_dtype(matmul_dtype) is None:
         raise ValueError(
@@ -106,6 +116,14 @@ def validate_options(
         _validate_choice("remat_policy", remat_policy, REMAT_POLICIES)
     if isinstance(batch_chunks, bool) or not isinstance(batch_chunks, int) or batch_chunks < 1:
         raise ValueError(f"batch_chunks must be an integer >= 1, got {batch_chunks!r}.")
+
+
+def normalize_input(images: jax.Array, input_norm: str) -> jax.Array:
+    """Pipeline images in [-1, 1] (x/127.5 − 1) → the normalisation `input_norm` names."""
+    if input_norm == "inception":
+        return images  # already (x/255 − 0.5) / 0.5
+    mean, std = (jnp.asarray(v, jnp.float32) for v in INPUT_NORMS[input_norm])
+    return ((images.astype(jnp.float32) + 1.0) / 2.0 - mean) / std
 
 
 def _float_dtype(value: Any) -> jnp.dtype | None:
@@ -411,6 +429,9 @@ class VisionTransformer(nn.Module):
         class token, a position table with two leading special rows, and a second head
         `head_dist` on that token. In training the model returns the pair (class-token logits,
         distillation-token logits); in evaluation their mean (`vit_jax.model_heads`).
+      input_norm: the pixel normalisation the weights were trained with, a key of INPUT_NORMS:
+        'inception' (the original's [-1, 1], what the pipelines give; the default) or
+        'imagenet' (ImageNet mean/std: DeiT, MAE), mapped from [-1, 1] inside the model.
 
     `__call__(inputs, *, train, features=None)`: `features`, [batch, F], are concatenated to
     the pooled `pre_logits` output before the head (pooled classifiers only).
@@ -436,6 +457,7 @@ class VisionTransformer(nn.Module):
     head_hidden_size: int | None = None
     activation: str = "gelu_tanh"
     distilled: bool = False
+    input_norm: str = "inception"
 
     @property
     def patch_size(self) -> tuple[int, int]:
@@ -454,6 +476,7 @@ class VisionTransformer(nn.Module):
             drop_path_rate=self.drop_path_rate,
             activation=self.activation,
             distilled=self.distilled,
+            input_norm=self.input_norm,
         )
         check_num_classes(self.num_classes)
         model_heads.check_head_hidden_size(self.head_hidden_size)
@@ -461,7 +484,7 @@ class VisionTransformer(nn.Module):
         check_image_size(
             inputs.shape[1:3], self.patch_size, stem_stride(self.resnet), self.model_name
         )
-        x = inputs.astype(self.dtype)
+        x = normalize_input(inputs, self.input_norm).astype(self.dtype)
 
         if self.resnet is not None:
             # Built inline so its parameters sit at the top level, as in the released files.

@@ -36,7 +36,6 @@ from typing import Any, TextIO
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -44,15 +43,13 @@ from vit_jax import (
     checkpoint,
     checkpoint_geometry,
     input_pipeline,
-    models,
-    models_vit,
     predict_regression,
+    weights_info,
 )
 
 PARAMS_FILE = checkpoint.PARAMS_FILE  # what a training workdir (or each phase of one) holds
 IMAGENET1K_LABELS_URL = "https://storage.googleapis.com/bit_models/ilsvrc2012_wordnet_lemmas.txt"
 IMAGENET21K_LABELS_URL = "https://storage.googleapis.com/bit_models/imagenet21k_wordnet_lemmas.txt"
-POOLED_CLASSIFIERS = ("token", "gap")  # classifiers that give one prediction per image
 DEFAULT_BATCH_SIZE = 8
 
 Params = dict[str, Any]
@@ -86,93 +83,25 @@ def load_for_prediction(
 
     See `prepare_for_prediction`; `overrides` are `models.get_model` overrides.
     """
-    return prepare_for_prediction(
+    model, params, size = prepare_for_prediction(
         load_params(checkpoint_path), model_name, image_size=image_size, **overrides
+    )
+    check_input_norm(checkpoint_path, model)
+    return model, params, size
+
+
+def check_input_norm(checkpoint_path: str | os.PathLike, model: nn.Module) -> None:
+    """The file's recorded input normalisation (if any) must be the model's (`weights_info`)."""
+    weights_info.check_input_norm(
+        resolve_checkpoint(checkpoint_path),
+        getattr(model, "input_norm", weights_info.DEFAULT_INPUT_NORM),
+        f"model {getattr(model, 'model_name', None) or type(model).__name__!r}",
     )
 
 
-def prepare_for_prediction(
-    params: Mapping[str, Any],
-    model_name: str,
-    *,
-    image_size: int | None = None,
-    checkpoint_grid_shape: Sequence[int] | None = None,
-    num_features: int = 0,
-    **overrides: Any,
-) -> tuple[nn.Module, Params, int]:
-    """Builds zoo model `model_name` for loaded `params` and checks the params fit it.
-
-    `num_classes` comes from the checkpoint's head and, for a ViT, `representation_size` from
-    its `pre_logits` (released ImageNet-21k files have one, fine-tuned ones do not) and
-    `distilled` from its `dist_token`, unless given in `overrides`. The resolution is the
-    checkpoint's (`checkpoint_geometry.infer_image_size`) unless `image_size` is given, in
-    which case the position table is resampled to the new grid as fine-tuning does. Anything
-    else that differs from the model fails with one error listing every missing, extra and
-    mis-shaped parameter.
-
-    `checkpoint_grid_shape=(rows, cols)` is the patch grid the checkpoint was trained at; it is
-    needed only when its position table is not a square grid (on the command line of
-    `vit_jax.predict` / `vit_jax.attention`: `--overrides='{"checkpoint_grid_shape": [2, 3]}'`).
-    An MLP head (`head_hidden`) is read from the params; `num_features` is the width of the
-    per-image features a regression head also reads (its `task.json` says).
-    """
-    params = dict(params)
-    kwargs: dict[str, Any] = {"num_classes": checkpoint_geometry.head_size(params)}
-    head_hidden = params.get("head_hidden")
-    if isinstance(head_hidden, Mapping) and "kernel" in head_hidden:  # an MLP head
-        kwargs["head_hidden_size"] = int(np.shape(head_hidden["kernel"])[-1])
-    if models.model_class(model_name) is models_vit.VisionTransformer:
-        pre_logits = params.get("pre_logits")
-        if isinstance(pre_logits, Mapping) and "kernel" in pre_logits:
-            kwargs["representation_size"] = int(np.shape(pre_logits["kernel"])[-1])
-        else:
-            kwargs["representation_size"] = None
-        kwargs["distilled"] = "dist_token" in params  # DeiT's distillation token and head
-    kwargs.update(overrides)
-    model = models.get_model(model_name, **kwargs)
-    classifier = getattr(model, "classifier", "gap")
-    if classifier not in POOLED_CLASSIFIERS:
-        raise ValueError(
-            f"Model {model_name!r} has classifier={classifier!r}, which gives one prediction per "
-            f"token; prediction needs one of {', '.join(POOLED_CLASSIFIERS)}."
-        )
-    is_vit = isinstance(model, models_vit.VisionTransformer)
-    old_grid = None  # a Mixer at a given image_size needs none: its shapes must match as they are
-    if is_vit or image_size is None:
-        old_grid = checkpoint_geometry.checkpoint_grid(
-            params, model, checkpoint_grid_shape, image_size_given=image_size is not None
-        )
-    if image_size is None:
-        size = checkpoint_geometry.infer_image_size(params, model, grid_shape=old_grid)
-    else:
-        size = int(image_size)
-    if size <= 0:
-        raise ValueError(f"image_size must be positive, got {size}.")
-    features = {}
-    if num_features:
-        features["features"] = jax.ShapeDtypeStruct((1, num_features), jnp.float32)
-    shapes = jax.eval_shape(
-        lambda x, kw: model.init(jax.random.PRNGKey(0), x, train=False, **kw),
-        jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),
-        features,
-    )["params"]
-    if checkpoint.is_scanned(shapes):
-        shapes = checkpoint.unscan_params(shapes)
-    if is_vit:
-        (patch_h, patch_w), stride = checkpoint_geometry.patch_and_stride(model)
-        new_grid = (size // (patch_h * stride), size // (patch_w * stride))
-        if new_grid != old_grid:
-            params = checkpoint_geometry.resample_position_table(params, shapes, old_grid, new_grid)
-    try:
-        params = checkpoint.inspect_params(params=params, expected=shapes)
-    except checkpoint.CheckpointError as e:
-        raise checkpoint.CheckpointError(
-            f"The checkpoint does not fit model {model_name!r} at {size} px (is the model name "
-            f"right? a non-zoo architecture needs its overrides). {e}"
-        ) from None
-    if getattr(model, "scan", False):
-        params = checkpoint.scan_params(params)
-    return model, params, size
+# (model, params, image_size) for loaded params and a zoo name; distillation's teacher uses it
+# too, so it lives with the other checkpoint-geometry helpers.
+prepare_for_prediction = checkpoint_geometry.model_for_checkpoint
 
 
 def read_labels(path: str | os.PathLike, num_classes: int) -> list[str]:
@@ -530,6 +459,7 @@ def _setup(
         num_features=int(info.get("num_features", 0)) if regression else 0,
         **args.overrides,
     )
+    check_input_norm(args.checkpoint, model)
     batch_size = min(args.batch_size, len(args.images))
     return Predictor(model, params, batch_size), image_size, labels, info
 

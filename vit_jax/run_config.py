@@ -256,6 +256,8 @@ def _check_model_options(config: ml_collections.ConfigDict) -> None:
         remat_policy=config.remat_policy or None,
         batch_chunks=config.batch_chunks,
         drop_path_rate=config.drop_path_rate,
+        activation=config.model.get("activation", "gelu_tanh"),
+        input_norm=config.model.get("input_norm", "inception"),
     )
     model_heads.check_head_hidden_size(config.head_hidden_size)
     vit_only = {k: v for k, v in model_options(config).items() if k in _VIT_ONLY_OPTIONS}

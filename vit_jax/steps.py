@@ -31,6 +31,7 @@ def train_step(
     state: TrainState,
     batch: Mapping[str, jax.Array],
     rng: jax.Array,
+    inputs: Any = None,
     *,
     task: Task,
     schedule: optim.Schedule,
@@ -39,14 +40,16 @@ def train_step(
     """One update on this device's batch: averaged micro-batch grads, mean over 'batch' devices.
 
     The key of micro-batch i differs per step, device and i (`fold_in`s of `rng`); the task
-    draws its dropout (and e.g. mixup) randomness from it. Metrics are identical on all devices.
+    draws its dropout (and e.g. mixup) randomness from it. `inputs` are the task's
+    `step_inputs()` (e.g. a teacher's params), replicated. Metrics are identical on all devices.
     """
     rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index("batch"))
 
     def micro_grads(params, micro_batch, key):
-        return jax.value_and_grad(lambda p: task.train_loss(state.apply_fn, p, micro_batch, key))(
-            params
-        )
+        def loss(p):
+            return task.train_loss(state.apply_fn, p, micro_batch, key, inputs)
+
+        return jax.value_and_grad(loss)(params)
 
     loss, grads = accumulate_gradients(micro_grads, state.params, batch, rng, accum_steps)
     grads = jax.lax.pmean(grads, axis_name="batch")

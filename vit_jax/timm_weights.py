@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import checkpoint, models
+from vit_jax import checkpoint, models, models_vit, weights_info
 from vit_jax.checkpoint import CheckpointError
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
@@ -414,6 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", required=True, help="timm weights: .safetensors, or .pth/.bin (torch)."
     )
     parser.add_argument("--out", required=True, help="The .npz to write, e.g. params.npz.")
+    parser.add_argument(
+        "--input_norm",
+        choices=tuple(models_vit.INPUT_NORMS),
+        help="The pixel normalisation the weights were trained with (timm's pretrained_cfg "
+        "mean/std): 'imagenet' for DeiT and MAE, 'inception' (0.5, 0.5) for AugReg and the "
+        "original's ports. Default: the zoo model's. Recorded beside --out as <out>.json.",
+    )
     parser.add_argument("--verbose", action="store_true", help="Show tracebacks of errors.")
     return parser
 
@@ -423,7 +430,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         params = convert(load_state_dict(args.checkpoint), args.model)
+        zoo_norm = models.get_config(args.model).get("input_norm", weights_info.DEFAULT_INPUT_NORM)
+        input_norm = args.input_norm or zoo_norm
         checkpoint.save(params, args.out)
+        weights_info.write(
+            args.out,
+            input_norm=input_norm,
+            model=args.model,
+            source=os.path.basename(args.checkpoint),
+        )
     except (OSError, ValueError) as e:  # CheckpointError is a ValueError
         if args.verbose:
             raise
@@ -431,7 +446,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 2
     count = sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(params))
-    print(f"wrote {args.out}: {args.model}, {count:,} params")
+    print(
+        f"wrote {args.out}: {args.model}, {count:,} params; input_norm={input_norm!r} "
+        f"(recorded in {weights_info.info_path(args.out)})"
+    )
     return 0
 
 

@@ -37,7 +37,16 @@ import ml_collections
 from clu import periodic_actions
 from flax import jax_utils
 
-from vit_jax import checkpoint, input_pipeline, multihost, resumable, run_config, run_log, tasks
+from vit_jax import (
+    checkpoint,
+    input_pipeline,
+    multihost,
+    resumable,
+    run_config,
+    run_log,
+    tasks,
+    weights_info,
+)
 from vit_jax.steps import TrainState, evaluate, make_eval_step, make_train_step, replicate
 from vit_jax.tasks import Metrics
 
@@ -107,6 +116,7 @@ def train_and_evaluate(
                 run.start_step < config.total_steps or not os.path.exists(params_file)
             ):
                 checkpoint.save(jax.device_get(state.params), params_file)
+                _record_input_norm(config, params_file)
             multihost.barrier("params-saved")  # a next phase reads it on every process
             return state, final
         except Exception as e:
@@ -161,6 +171,13 @@ def resolve_phases(
     return phases
 
 
+def _record_input_norm(config: ml_collections.ConfigDict, params_file: str) -> None:
+    """A model fed other than the original's [-1, 1] pixels says so beside its params."""
+    input_norm = config.model.get("input_norm", weights_info.DEFAULT_INPUT_NORM)
+    if input_norm != weights_info.DEFAULT_INPUT_NORM:
+        weights_info.write(params_file, input_norm=input_norm, model=config.model.model_name)
+
+
 def make_workdir(workdir: str) -> None:
     """Creates `workdir` (and its parents); ValueError naming the path when it cannot be one."""
     try:
@@ -199,8 +216,14 @@ def create_state(
     init = jax.jit(lambda rng: model.init(rng, dummy, train=False, **features)["params"])
     params = init(jax.random.PRNGKey(config.seed))
     if config.pretrained and load_pretrained:
+        pretrained = checkpoint.resolve_params_file(config.pretrained)
+        weights_info.check_input_norm(
+            pretrained,
+            config.model.get("input_norm", weights_info.DEFAULT_INPUT_NORM),
+            f"config.model ({config.model.model_name})",
+        )
         params = checkpoint.load_pretrained(
-            pretrained_path=checkpoint.resolve_params_file(config.pretrained),
+            pretrained_path=pretrained,
             init_params=jax.device_get(params),
             model_config=config.model,
         )
@@ -299,6 +322,8 @@ def _train(
         run_config.train_batches(config, run.task, run.start_step)
     )
     pstate, prng = replicate(run.state), replicate(run.rng)
+    inputs = run.task.step_inputs()
+    pinputs = None if inputs is None else replicate(inputs)
     progress = periodic_actions.ReportProgress(
         num_train_steps=config.total_steps, writer=writers.tensorboard
     )
@@ -310,7 +335,7 @@ def _train(
             for step in range(start + 1, config.total_steps + 1):
                 batch = next(batches)
                 with metrics_log.paused(step == start + 1):  # compiles the step
-                    pstate, metrics = p_train_step(pstate, batch, prng)
+                    pstate, metrics = p_train_step(pstate, batch, prng, pinputs)
                 metrics_log.add(metrics)
                 progress(step)
                 stop_signum = agreed_stop.poll(step, signals.signum)

@@ -12,12 +12,21 @@ import ml_collections
 
 from vit_jax.tasks.base import Metrics, Task
 from vit_jax.tasks.classification import Classification
+from vit_jax.tasks.distillation import Distillation
 from vit_jax.tasks.regression import Regression
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (Classification, Regression)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (Classification, Regression, Distillation)}
 INFO_FILE = "task.json"  # beside params.npz: what `predict` needs to read the outputs
 
-__all__ = ["INFO_FILE", "TASKS", "Classification", "Metrics", "Regression", "Task"]
+__all__ = [
+    "INFO_FILE",
+    "TASKS",
+    "Classification",
+    "Distillation",
+    "Metrics",
+    "Regression",
+    "Task",
+]
 
 
 def task_class(config: ml_collections.ConfigDict) -> type[Task]:

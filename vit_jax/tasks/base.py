@@ -36,6 +36,7 @@ class Task(abc.ABC):
     losses: ClassVar[tuple[str, ...]]  # valid values of `config.loss` for this task
     best_metric: ClassVar[str]  # the validation metric `keep_best` follows
     higher_is_better: ClassVar[bool]
+    trains_dist_token: ClassVar[bool] = False  # can train a distilled model's second head
 
     def __init__(self, config: ml_collections.ConfigDict, info: Any):
         self.config = config
@@ -46,13 +47,20 @@ class Task(abc.ABC):
     @classmethod
     def check_config(cls, config: ml_collections.ConfigDict) -> None:
         """ValueError for options this task cannot run with (loss, task-specific keys)."""
-        if config.model.get("distilled"):
+        if config.model.get("distilled") and not cls.trains_dist_token:
             raise ValueError(
                 f"{config.model.model_name} has a distillation token, whose head learns from a "
                 f"teacher; task={cls.name!r} cannot train it. Train the model without it "
-                f"(e.g. {config.model.model_name.removesuffix('-dist')}), or fine-tune a "
+                f"(e.g. {config.model.model_name.removesuffix('-dist')}), fine-tune a "
                 "distilled checkpoint into that plain model (the token is dropped, with a "
-                "warning)."
+                "warning), or distil it from a teacher (task='distillation')."
+            )
+        distill = config.get("distill") or {}
+        teacher = distill.get("teacher_model") or distill.get("teacher_checkpoint")
+        if teacher and not cls.trains_dist_token:
+            raise ValueError(
+                f"distill.teacher_model/teacher_checkpoint are set, but task={cls.name!r} has "
+                "no teacher; set --config.task=distillation, or unset them."
             )
         if config.loss not in cls.losses:
             raise ValueError(
@@ -84,11 +92,24 @@ class Task(abc.ABC):
         del batch
         return {}
 
+    def step_inputs(self) -> Any:
+        """Arrays every train step takes besides state, batch and rng (a teacher's params).
+
+        The loop places them on the devices once and passes them to the step as an argument.
+        Closed over instead, they would be constants of the compiled program: XLA folds them
+        into the executable (compile time and memory grow with their size), and the
+        persistent compilation cache would key on their values.
+        """
+        return None
+
     # -- inside the pmap'd steps ---------------------------------------------------------------
 
     @abc.abstractmethod
-    def train_loss(self, apply_fn: ApplyFn, params: Any, batch: Batch, rng: jax.Array) -> jax.Array:
-        """Mean training loss of one micro-batch; `rng` is this micro-batch's dropout key."""
+    def train_loss(
+        self, apply_fn: ApplyFn, params: Any, batch: Batch, rng: jax.Array, inputs: Any = None
+    ) -> jax.Array:
+        """Mean training loss of one micro-batch; `rng` is this micro-batch's dropout key,
+        `inputs` this device's copy of `step_inputs()`."""
 
     @abc.abstractmethod
     def eval_values(self, apply_fn: ApplyFn, params: Any, batch: Batch) -> dict[str, jax.Array]:

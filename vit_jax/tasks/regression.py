@@ -54,7 +54,7 @@ class Regression(Task):
     @classmethod
     def check_config(cls, config: ml_collections.ConfigDict) -> None:
         super().check_config(config)
-        for key in ("label_smoothing", "mixup_alpha"):
+        for key in ("label_smoothing", "mixup_alpha", "cutmix_alpha"):
             if config[key]:
                 raise ValueError(
                     f"{key}={config[key]} is a classification option; set it to 0 for "
@@ -93,7 +93,10 @@ class Regression(Task):
     def model_inputs(self, batch: Batch) -> dict[str, jax.Array]:
         return {"features": batch["features"]} if self.use_features else {}
 
-    def train_loss(self, apply_fn: ApplyFn, params: Any, batch: Batch, rng: jax.Array) -> jax.Array:
+    def train_loss(
+        self, apply_fn: ApplyFn, params: Any, batch: Batch, rng: jax.Array, inputs: Any = None
+    ) -> jax.Array:
+        del inputs
         outputs = apply_fn(
             {"params": params},
             batch["image"],
