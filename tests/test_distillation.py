@@ -3,6 +3,7 @@ input, the config and teacher-checkpoint checks, and a teacher → student run o
 
 from __future__ import annotations
 
+import json
 import math
 
 import jax
@@ -16,6 +17,9 @@ from vit_jax import checkpoint, run_config, steps, train
 from vit_jax.tasks import classification, distillation
 
 LN3, LN4 = math.log(3.0), math.log(4.0)
+# The digits run below measured 0.608 (teacher, 150 steps) and 0.258 (student of width 10, 150
+# steps; chance is 0.1) on a 2-core AMD EPYC (Zen 4) CPU.
+FLOOR_TEACHER, FLOOR_STUDENT = 0.5, 0.2
 
 
 def _one_hot(index, n=2):
@@ -284,3 +288,26 @@ def test_the_teacher_params_are_an_argument_of_the_step_not_a_constant(tmp_path,
     # The student's logits start at zero (zero head), so its loss is ln 10 whatever the teacher;
     # its gradient follows the teacher's targets.
     assert grad_norms[0] == grad_norms[2] and abs(grad_norms[0] - grad_norms[1]) > 1e-3
+
+
+# ---------------------------------------------------------------------------------- end to end
+
+
+def test_a_student_distils_from_a_teacher_trained_first_on_the_digits(tmp_path):
+    """Teacher (trained here) → distilled student through `train_and_evaluate`: the teacher is
+    read from its workdir at its own resolution (16 px) while the student trains at 8 px."""
+    teacher = common.get_config()
+    teacher.model = common.model_config("testing", hidden_size=32, transformer={"mlp_dim": 64})
+    teacher.update(image_size=16, batch_size=64, optimizer="adamw", base_lr=3e-3)
+    teacher.update(total_steps=150, warmup_steps=10, log_every=50)
+    _, teacher_metrics = train.train_and_evaluate(teacher, str(tmp_path / "teacher"))
+    student = _distill_config(batch_size=64, optimizer="adamw", base_lr=3e-3, total_steps=150)
+    student.update(warmup_steps=10, log_every=50, mixup_alpha=0.2)
+    student.distill.teacher_checkpoint = str(tmp_path / "teacher")
+    student.distill.teacher_image_size = 0  # its own: 16 px
+    student.distill.teacher_overrides = '{"hidden_size": 32, "transformer": {"mlp_dim": 64}}'
+    _, metrics = train.train_and_evaluate(student, str(tmp_path / "student"))
+    assert teacher_metrics["accuracy"] > FLOOR_TEACHER, teacher_metrics
+    assert metrics["accuracy"] > FLOOR_STUDENT and metrics["count"] == 360, metrics
+    info = json.loads((tmp_path / "student" / "task.json").read_text())
+    assert info["task"] == "classification"  # predict reads it as any classifier

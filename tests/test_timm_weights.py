@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from tests._torchvision_shim import INSTALL, require_timm
-from vit_jax import checkpoint, models, models_vit, timm_weights
+from vit_jax import checkpoint, models, models_vit, timm_weights, weights_info
 from vit_jax.checkpoint import CheckpointError
 
 torch, timm = require_timm()
@@ -78,7 +78,11 @@ def _our_logits(name: str, params, x: np.ndarray, **overrides) -> np.ndarray:
 
 @pytest.mark.parametrize(
     ("timm_name", "zoo_name"),
-    [("vit_tiny_patch16_224", "ViT-Ti_16"), ("deit_tiny_distilled_patch16_224", "DeiT-Ti_16-dist")],
+    [
+        ("vit_tiny_patch16_224", "ViT-Ti_16"),
+        ("deit_tiny_patch16_224", "DeiT-Ti_16"),
+        ("deit_tiny_distilled_patch16_224", "DeiT-Ti_16-dist"),
+    ],
 )
 def test_converted_logits_equal_timms(tmp_path, timm_name, zoo_name):
     reference = _randomized(timm_name)
@@ -138,7 +142,14 @@ def test_command_line_round_trip(tmp_path, capsys):
     out = tmp_path / "params.npz"
     code = timm_weights.main(["--model=DeiT-Ti_16-dist", f"--checkpoint={path}", f"--out={out}"])
     assert code == 0, capsys.readouterr().err
-    assert "DeiT-Ti_16-dist" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "DeiT-Ti_16-dist" in printed and "input_norm='imagenet'" in printed
+    record = weights_info.read(out)  # params.npz.json: DeiT was trained on ImageNet mean/std
+    assert record["input_norm"] == "imagenet" and record["source"] == "deit.safetensors"
+    vit_out = tmp_path / "vit.npz"
+    argv = ["--model=DeiT-Ti_16-dist", f"--checkpoint={path}", f"--out={vit_out}"]
+    assert timm_weights.main([*argv, "--input_norm=inception"]) == 0
+    assert weights_info.read(vit_out)["input_norm"] == "inception"  # as the user says
     params = checkpoint.load(out)
     x = _inputs()
     np.testing.assert_allclose(

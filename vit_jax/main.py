@@ -11,6 +11,8 @@ Configs (--config):
   configs/pretrain.py:MODEL            ImageNet-21k pretraining recipe, e.g. ViT-B_16
   configs/regression.py:MODEL,CSV      regression fine-tuning (Kaggle Pawpularity layout), e.g.
                                        ViT-B_16,/data/petfinder/train.csv; --config.csv.fold=I
+  configs/deit.py:MODEL[,DATASET]      DeiT's ImageNet-1k recipe, e.g. DeiT-S_16; a -dist model
+                                       distils from --config.distill.teacher_model/_checkpoint
 Overrides: --config.KEY=VALUE after --config, e.g. --config.pretrained=ViT-B_16.npz,
   --config.batch_size=256, --config.model.transformer.dropout_rate=0.1. Every key is declared,
   with its default and a one-line comment, in configs/common.py; an undeclared key is an error.
