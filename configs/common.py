@@ -21,6 +21,19 @@ def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
     return models.model_config(name, **overrides)
 
 
+def check_preset_dataset(dataset: str, presets: Any, recipe: str, folder: str) -> str:
+    """`dataset`'s key in a recipe's `presets` (`folder` for every 'folder:/path'); ValueError
+    naming the recipe and listing the valid datasets for one without a preset."""
+    valid = ", ".join(f"{folder}/path" if d == folder else d for d in presets)
+    if dataset == folder or (dataset not in presets and not dataset.startswith(folder)):
+        raise ValueError(
+            f"No {recipe} preset for dataset {dataset!r}; valid: {valid}. For another tfds "
+            "dataset start from a preset and override --config.dataset, --config.train_split, "
+            "--config.test_split and --config.total_steps."
+        )
+    return folder if dataset.startswith(folder) else dataset
+
+
 def get_config() -> ml_collections.ConfigDict:
     """Every key `train.train_and_evaluate` reads, with its default; recipes change a few fields.
 

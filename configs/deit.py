@@ -102,10 +102,5 @@ def _parse(arg: str) -> tuple[str, str]:
             f"configs/deit.py takes '<model>[,<dataset>]', e.g. "
             f"'--config=configs/deit.py:DeiT-S_16', got {arg!r}. Datasets: {valid}."
         )
-    if dataset == FOLDER or (dataset not in DATASETS and not dataset.startswith(FOLDER)):
-        raise ValueError(
-            f"No DeiT preset for dataset {dataset!r}; valid: {valid}. For another tfds dataset "
-            "start from one and override --config.dataset, --config.train_split, "
-            "--config.test_split and --config.total_steps."
-        )
+    common.check_preset_dataset(dataset, DATASETS, "DeiT", FOLDER)
     return model_name, dataset

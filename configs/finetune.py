@@ -106,12 +106,7 @@ def _parse(arg: str) -> tuple[str, str]:
             f"configs/finetune.py takes '<model>,<dataset>', e.g. "
             f"'--config=configs/finetune.py:ViT-B_16,cifar10', got {arg!r}. Datasets: {valid}."
         )
-    if dataset == FOLDER or (dataset not in PRESETS and not dataset.startswith(FOLDER)):
-        raise ValueError(
-            f"No fine-tuning preset for dataset {dataset!r}; valid: {valid}. For another tfds "
-            "dataset start from a preset and override --config.dataset, --config.train_split, "
-            "--config.test_split and --config.total_steps."
-        )
+    common.check_preset_dataset(dataset, PRESETS, "fine-tuning", FOLDER)
     return model_name, dataset
 
 
