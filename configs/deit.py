@@ -19,10 +19,10 @@ Settings, the paper's: 224 px, batch 1024, AdamW (β = 0.9, 0.999) at lr 5e-4 ·
 distillation tokens, as DeiT's no-weight-decay list), no gradient clipping, 300 epochs with
 5 linear warmup epochs and cosine decay to 1e-5, label smoothing 0.1, stochastic depth 0.1,
 mixup 0.8 and cutmix 1.0 (one of them per batch, half each), random crop + flip, evaluation
-at 224 of the centre of the image resized to 256 (`resize_small_crop`). Left out, as no
-library in this codebase's dependencies offers them for tf.data: RandAugment (9, 0.5), random
-erasing 0.25 and repeated augmentation; the paper's ablation costs them about 1–2 points on
-ImageNet-1k. Epochs are counted in steps of the dataset's training size:
+at 224 of the centre of the image resized to 256 (`resize_small_crop`). Not implemented
+here, so left out: RandAugment (9, 0.5), random erasing 0.25 and repeated augmentation (their
+effect on these numbers is not measured here). Epochs are counted in steps of the dataset's
+training size:
 
     imagenet2012   train / validation   1,281,167 images
     cifar10        train / test            50,000 images
