@@ -26,6 +26,10 @@ INSTALL_REQUIRES = [
     # `vit_jax.timm_weights` reads timm's .safetensors weights with it, without torch (small,
     # no dependencies of its own); .pth files need the interop extra's torch.
     "safetensors>=0.8",
+    # Prepared records (`vit_jax.prepare_data`, 'records:' datasets): ArrayRecord shards read
+    # with grain's shuffle.
+    "array-record>=0.8.6",
+    "grain>=0.2.18",
 ]
 
 # What colab/*.ipynb needs beyond the package: a kernel and plots.

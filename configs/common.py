@@ -41,7 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
     """
     c = ml_collections.ConfigDict()
     # Data.
-    # A tfds name, 'folder:/path', 'csv:/path/train.csv' or the embedded 'sklearn_digits'.
+    # A tfds name, 'folder:/path', 'records:/path' (written by `python -m vit_jax.prepare_data`),
+    # 'csv:/path/train.csv' or the embedded 'sklearn_digits'.
     c.dataset = "sklearn_digits"
     c.train_split = "train"  # split to train on (tfds slicing allowed: 'train[:98%]')
     c.test_split = "test"  # split to evaluate on; every example is counted once
@@ -50,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.image_size = 32  # train and eval resolution (pixels, square)
     c.eval_crop = "resize"  # 'resize' (the original) or 'resize_small_crop'
     c.shuffle_buffer = 50_000  # tfds shuffle buffer (the original's; others: whole epochs)
+    c.input_workers = 0  # parallel decode-and-augment calls of training input (0: one per core)
     # A 'csv:' dataset: images named by an id column, real-valued targets (task='regression').
     c.csv = ml_collections.ConfigDict()
     c.csv.id_column = "Id"  # image file = <image_dir>/<id><image_ext>

@@ -1,7 +1,8 @@
 """Image files: listing an image folder's class directories and decoding one file.
 
 This module owns:
-- listing the files of a class folder (`list_files`): recursive, hidden names skipped, sorted,
+- listing the class directories of a folder (`class_dirs`, `unknown_classes`) and the files of
+  a class folder (`list_files`): recursive, hidden names skipped, sorted,
   directory links followed with link loops guarded, a file reached twice through links counted
   once, and a directory that cannot be read reported as one clear error (`FolderPermissionError`);
 - the one image decoder every path of the project uses, so that training, evaluation,
@@ -11,7 +12,8 @@ This module owns:
     `tf.io.decode_jpeg` and tfds decode them, and as the original vit_jax reads image folders);
   - `tf_decodes(path)`: whether a file goes through TF's decoder or through Pillow, decided once
     per file when an image folder is validated (the verdict travels next to the path);
-  - `decode_file(path, tf_decodes)`: the graph-mode decode of a file by that verdict;
+  - `decode_file(path, tf_decodes)`: the graph-mode decode of a file by that verdict, and
+    `decode_data(data, tf_decodes)` the same for a file's bytes (prepared records hold them);
   - `read_image(path)`: the same, eagerly, for one file (what `input_pipeline.eval_image`,
     i.e. `predict.load_image`, and the attention overlay use).
 
@@ -26,7 +28,7 @@ transparent index, GIF, BMP and WebP agree (alpha is dropped, not composited, by
 grey PNGs do not: TF keeps the high byte (⌊x / 256⌋), Pillow's path scales to the nearest
 level (round(x / 257): 0 ↦ 0, 65535 ↦ 255, no bias), which is kept for them.
 
-Pillow's path (`_read_rgb`): 16-bit grey scaled as above, palette with transparency via RGBA,
+Pillow's path (`_to_rgb`): 16-bit grey scaled as above, palette with transparency via RGBA,
 then `convert('RGB')` (CMYK converted by Pillow, alpha dropped).
 
 It does not own which files form a dataset split, the multi-process split of the validation, or
@@ -35,7 +37,9 @@ any preprocessing after decoding (`vit_jax.input_pipeline`).
 
 from __future__ import annotations
 
+import io
 import os
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -84,6 +88,16 @@ def scan_dir(directory: str) -> list[os.DirEntry]:
             return sorted(entries, key=lambda e: e.name)
     except PermissionError as e:
         raise FolderPermissionError(directory, e) from e
+
+
+def class_dirs(directory: str) -> list[str]:
+    """The names of `directory`'s non-hidden sub-directories (links followed), sorted."""
+    return [e.name for e in scan_dir(directory) if e.is_dir() and e.name[0] != "."]
+
+
+def unknown_classes(split_dir: str, class_names: tuple[str, ...]) -> list[str]:
+    """Class directories of a split that the training split does not have."""
+    return [name for name in class_dirs(split_dir) if name not in class_names]
 
 
 def list_files(directory: str) -> list[str]:
@@ -142,15 +156,21 @@ def tf_decodes(path: str) -> bool:
     Pillow raises (`OSError` and its subclasses, `ValueError`, `SyntaxError`,
     `Image.DecompressionBombError`).
     """
-    with Image.open(path) as image:  # reads the header only
+    with open(path, "rb") as f:
+        return tf_decodes_data(f.read())
+
+
+def tf_decodes_data(data: bytes) -> bool:
+    """`tf_decodes` for a file's encoded bytes (a prepared record holds them as they were)."""
+    with Image.open(io.BytesIO(data)) as image:  # reads the header only
         file_format, mode, size = image.format, image.mode, image.size
     if file_format in _JPEG_FORMATS and mode in _JPEG_MODES:
-        decoded = _tf_decode_bytes(path)
+        decoded = _tf_decode_bytes(data)
         if decoded is not None and decoded.shape == (size[1], size[0], 3):
             return True
-    pillow = _read_rgb(path)  # Pillow's path must read what TF does not (raises otherwise)
+    pillow = _read_rgb_data(data)  # Pillow's path must read what TF does not (raises otherwise)
     if file_format in _TF_IF_EQUAL_FORMATS:
-        decoded = _tf_decode_bytes(path)
+        decoded = _tf_decode_bytes(data)
         return decoded is not None and np.array_equal(decoded, pillow)
     return False
 
@@ -160,7 +180,17 @@ def decode_file(path: tf.Tensor, tf_decodes: tf.Tensor) -> tf.Tensor:
     image = tf.cond(
         tf.convert_to_tensor(tf_decodes, tf.bool),
         lambda: decode_encoded(tf.io.read_file(path)),
-        lambda: _pillow_decode(path),
+        lambda: _pillow_decode(path, _read_rgb),
+    )
+    return tf.ensure_shape(image, [None, None, 3])
+
+
+def decode_data(data: tf.Tensor, tf_decodes: tf.Tensor) -> tf.Tensor:
+    """`decode_file` for a file's encoded bytes: the same pixels as decoding the file."""
+    image = tf.cond(
+        tf.convert_to_tensor(tf_decodes, tf.bool),
+        lambda: decode_encoded(data),
+        lambda: _pillow_decode(data, _read_rgb_data),
     )
     return tf.ensure_shape(image, [None, None, 3])
 
@@ -174,33 +204,42 @@ def read_image(path: str) -> np.ndarray:
     return decode_file(tf.constant(path), tf.constant(verdict)).numpy()
 
 
-def _tf_decode_bytes(path: str) -> np.ndarray | None:
-    """TF's decoding of the file, or None where TF cannot read it."""
-    with open(path, "rb") as f:
-        data = f.read()
+def _tf_decode_bytes(data: bytes) -> np.ndarray | None:
+    """TF's decoding of encoded bytes, or None where TF cannot read them."""
     try:
         return decode_encoded(tf.constant(data)).numpy()
     except (tf.errors.OpError, ValueError):
         return None
 
 
-def _pillow_decode(path: tf.Tensor) -> tf.Tensor:
-    image = tf.numpy_function(_read_rgb, [path], tf.uint8, stateful=False)
+def _pillow_decode(source: tf.Tensor, read: Callable[[Any], np.ndarray]) -> tf.Tensor:
+    image = tf.numpy_function(read, [source], tf.uint8, stateful=False)
     image.set_shape([None, None, 3])
     return image
 
 
 def _read_rgb(path: str | bytes | np.ndarray) -> np.ndarray:
-    """Pillow's path: uint8 RGB [H, W, 3] (16-bit grey scaled to the nearest level, alpha
-    dropped)."""
+    """Pillow's path for a file (a str, or bytes from a tensor): uint8 RGB [H, W, 3]."""
     path = path.item() if isinstance(path, np.ndarray) else path  # eager numpy_function: 0-d
     path = path.decode() if isinstance(path, bytes) else path
     with Image.open(path) as image:
-        image.load()
-        if image.mode in _SIXTEEN_BIT_MODES:
-            array = np.asarray(image, dtype=np.float64) / 257.0
-            gray = np.clip(np.round(array), 0, 255).astype(np.uint8)
-            return np.repeat(gray[..., None], 3, axis=-1)
-        if image.mode == "P" and "transparency" in image.info:
-            image = image.convert("RGBA")
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        return _to_rgb(image)
+
+
+def _read_rgb_data(data: bytes | np.ndarray) -> np.ndarray:
+    """Pillow's path for encoded bytes: uint8 RGB [H, W, 3]."""
+    data = data.item() if isinstance(data, np.ndarray) else data
+    with Image.open(io.BytesIO(data)) as image:
+        return _to_rgb(image)
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    """uint8 RGB [H, W, 3]: 16-bit grey scaled to the nearest level, alpha dropped."""
+    image.load()
+    if image.mode in _SIXTEEN_BIT_MODES:
+        array = np.asarray(image, dtype=np.float64) / 257.0
+        gray = np.clip(np.round(array), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)

@@ -139,8 +139,7 @@ def _folder_classes(root: str) -> tuple[str, ...]:
                 f"{root}/test/<class>/*."
             )
     train_dir = os.path.join(root, "train")
-    entries = image_folder.scan_dir(train_dir)
-    names = sorted(e.name for e in entries if e.is_dir() and e.name[0] != ".")
+    names = image_folder.class_dirs(train_dir)
     if not names:
         raise ValueError(f"Image folder {train_dir!r} has no class sub-directories.")
     return tuple(names)
@@ -160,11 +159,7 @@ def _scan_folder_split(
     split in one global order).
     """
     split_dir = os.path.join(root, split)
-    unknown = sorted(
-        e.name
-        for e in image_folder.scan_dir(split_dir)
-        if e.is_dir() and e.name[0] != "." and e.name not in class_names
-    )
+    unknown = image_folder.unknown_classes(split_dir, class_names)
     if unknown:
         raise ValueError(f"{split_dir!r} has classes not in train/: {unknown}.")
     candidates = []

@@ -1,12 +1,14 @@
 """Training and evaluation data: which source, preprocessing, per-host split and device batching.
 
 This module owns:
-- the names of the four kinds of source a run can name, and which module reads each: a tfds
-  dataset (`'cifar10'`, with split slicing such as `'train[:98%]'`: `vit_jax.tfds_source`), and,
-  addressable by index (`vit_jax.indexed_sources`), an image folder (`'folder:/path'` with
-  `train/<class>/*` and `test/<class>/*`), a CSV of per-image regression targets
-  (`'csv:/path/train.csv'`, splits 'train' and 'validation': `vit_jax.csv_dataset`), and the
-  embedded offline set `'sklearn_digits'` (scikit-learn's 8×8 digits);
+- the names of the five kinds of source a run can name, and which module reads each: a tfds
+  dataset (`'cifar10'`, with split slicing such as `'train[:98%]'`: `vit_jax.tfds_source`),
+  addressable by index in memory (`vit_jax.indexed_sources`) an image folder (`'folder:/path'`
+  with `train/<class>/*` and `test/<class>/*`), a CSV of per-image regression targets
+  (`'csv:/path/train.csv'`, splits 'train' and 'validation': `vit_jax.csv_dataset`) and the
+  embedded offline set `'sklearn_digits'` (scikit-learn's 8×8 digits), and addressable by index
+  on disk, an image folder prepared once into ArrayRecord shards (`'records:/path'`, written by
+  `python -m vit_jax.prepare_data`: `vit_jax.records_source`);
 - preprocessing: Inception crop → resize → random flip for training, resize (or resize-small +
   centre crop) for evaluation; images in [-1, 1] float32;
 - the targets a batch carries (`targets`, one of `TARGET_KINDS`): 'one_hot' or 'multi_hot'
@@ -22,7 +24,8 @@ absolute stream position, so `start_step=k` reproduces an uninterrupted stream f
 - The offline set, image folders and CSVs are addressable by index: their stream is one seeded
   permutation per epoch, cut into global batches, and process i decodes only the i-th part of each
   global batch. The global batches are therefore the same for any number of processes (a 2-host
-  run sees the data a 1-host run sees), and resuming costs no reading.
+  run sees the data a 1-host run sees), and resuming costs no reading. Prepared records follow
+  the same rule with grain's per-epoch shuffle (`vit_jax.records_source`).
 - tfds datasets are record files read in order: each process reads its own even split (its own
   files), shuffled with a buffer; resuming skips raw (undecoded) records. Their order depends on
   the process count.
@@ -45,13 +48,14 @@ from typing import Any, Literal
 import numpy as np
 import tensorflow as tf
 
-from vit_jax import csv_dataset, image_folder, indexed_sources, tfds_source
+from vit_jax import csv_dataset, image_folder, indexed_sources, records_source, tfds_source
 from vit_jax.csv_dataset import CsvSpec
 from vit_jax.indexed_sources import DIGITS
 from vit_jax.source import Source
 
 FOLDER_PREFIX = "folder:"
 CSV_PREFIX = "csv:"
+RECORDS_PREFIX = records_source.PREFIX
 TARGET_KINDS = ("one_hot", "multi_hot", "value")
 EVAL_CROPS = ("resize", "resize_small_crop")
 _CROP_AREA = (0.05, 1.0)
@@ -173,13 +177,14 @@ def get_train_iterator(
     targets: str = "one_hot",
     download: bool = True,
     csv: CsvSpec | None = None,
+    num_workers: int = 0,
 ) -> Iterator[Batch]:
     """Endless augmented training batches `{'image', 'label'}` shaped for `pmap`.
 
     With `targets='value'`: `{'image', 'target'}`, plus `'features'` for a CSV with feature
     columns. `start_step=k` yields exactly the batches an uninterrupted iterator yields from step
     k on. `shuffle_buffer` applies to tfds datasets only (the others are permuted whole, per
-    epoch).
+    epoch). `num_workers`: parallel decode-and-augment calls (0: one per CPU core).
     """
     per_host, per_device = _batch_sizes(global_batch_size, local_device_count, process_count)
     if start_step < 0:
@@ -206,6 +211,14 @@ def get_train_iterator(
             process_index=process_index,
             process_count=process_count,
         )
+    elif source.global_stream is not None:
+        ds = source.global_stream(
+            seed=seed,
+            start_step=start_step,
+            global_batch_size=global_batch_size,
+            process_index=process_index,
+            process_count=process_count,
+        )
     else:  # positions count this process's own stream
         base_seed = tf.random.experimental.stateless_fold_in(base_seed, process_index)
         ds = source.dataset.repeat().shuffle(shuffle_buffer, seed=seed)
@@ -222,7 +235,7 @@ def get_train_iterator(
         image = tf.image.stateless_random_flip_left_right(image, flip_seed)
         return {"image": _normalize(image), **encode(example)}
 
-    ds = ds.map(preprocess, num_parallel_calls=_TRAIN_PARALLEL_CALLS)
+    ds = ds.map(preprocess, num_parallel_calls=num_workers or _TRAIN_PARALLEL_CALLS)
     ds = ds.batch(per_host, drop_remainder=True)
     ds = ds.map(functools.partial(_shard, devices=local_device_count, per_device=per_device))
     ds = ds.prefetch(2).with_options(_options(autotune=False))
@@ -290,9 +303,8 @@ def get_eval_iterator(
 
 def needs_preparation(dataset: str) -> bool:
     """Whether `dataset` is a tfds dataset (downloaded and prepared on first use)."""
-    return not (
-        dataset == DIGITS or dataset.startswith(FOLDER_PREFIX) or dataset.startswith(CSV_PREFIX)
-    )
+    prefixes = (FOLDER_PREFIX, CSV_PREFIX, RECORDS_PREFIX)
+    return not (dataset == DIGITS or dataset.startswith(prefixes))
 
 
 def prefetch_to_device(iterator: Iterable[Batch], size: int = 2) -> Iterator[Any]:
@@ -513,6 +525,9 @@ def _load_source(
         path = dataset[len(CSV_PREFIX) :]
         spec = csv or CsvSpec()
         return indexed_sources.csv_source(path, split, spec, process_index, process_count)
+    if dataset.startswith(RECORDS_PREFIX):
+        directory = dataset[len(RECORDS_PREFIX) :]
+        return records_source.records_source(directory, split, process_index, process_count)
     return tfds_source.load_source(
         dataset,
         split,

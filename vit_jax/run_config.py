@@ -60,6 +60,10 @@ def validate_config(
     for key in ("eval_every", "checkpoint_every"):
         if config[key] < 0:
             raise ValueError(f"{key} must be ≥ 0 (0 = only at the end), got {config[key]}.")
+    if config.input_workers < 0:
+        raise ValueError(
+            f"input_workers must be ≥ 0 (0 = one per CPU core), got {config.input_workers}."
+        )
     _check_patch_grid(config.model, config.image_size)
     make_optimizer(config, make_schedule(config))  # lr, warmup, steps, optimizer options
     if config.dataset.startswith(input_pipeline.CSV_PREFIX):
@@ -182,6 +186,7 @@ def train_batches(config: ml_collections.ConfigDict, task: tasks.Task, start_ste
         seed=config.seed,
         start_step=start_step,
         shuffle_buffer=config.shuffle_buffer,
+        num_workers=config.input_workers,
         **_pipeline_args(config, task),
     )
 

@@ -1,7 +1,8 @@
 """`Source`: one split of a dataset as every source hands it to `vit_jax.input_pipeline`.
 
 This module owns the record shared by the sources (`vit_jax.tfds_source` for tfds datasets,
-`vit_jax.indexed_sources` for the embedded digits, image folders and CSVs) and the pipeline that
+`vit_jax.indexed_sources` for the embedded digits, image folders and CSVs,
+`vit_jax.records_source` for prepared records) and the pipeline that
 preprocesses and batches it, and the check of a process index both sides use. It is its own
 module so that neither kind of source imports the pipeline, nor the other kind.
 """
@@ -37,6 +38,10 @@ class Source:
     arrays: tuple[np.ndarray | image_folder.ImageFiles, dict[str, np.ndarray]] | None = None
     target_names: tuple[str, ...] | None = None  # a CSV's target columns (regression only)
     num_features: int = 0
+    # Sources read by index from files (prepared records): the training stream in one global
+    # order, `(seed=, start_step=, global_batch_size=, process_index=, process_count=)` →
+    # dataset of `(position, raw element)` for this process's part of each global batch.
+    global_stream: Callable[..., tf.data.Dataset] | None = None
 
 
 def check_process(process_index: int, process_count: int) -> None:
