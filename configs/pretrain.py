@@ -1,8 +1,10 @@
 """ImageNet-21k pretraining recipe (ViT paper, Appendix B.1): `configs/pretrain.py:<model>`.
 
+    python -m vit_jax.prepare_data --folder=/path/to/imagenet21k --out=/path/to/in21k_records \
+        --holdout=51200
     python -m vit_jax.main --workdir=/tmp/pretrain_b16 \
         --config=configs/pretrain.py:ViT-B_16 \
-        --config.dataset=folder:/path/to/imagenet21k
+        --config.dataset=records:/path/to/in21k_records
 
 224 px, batch 4096, AdamW (β1 0.9, β2 0.999, decoupled weight decay 0.03 on kernels), lr 1e-3
 after 10k linear warmup steps, then linear decay to 1e-5, gradient clip at global norm 1,
@@ -12,10 +14,15 @@ of the hidden size, sigmoid cross-entropy with the head bias initialised to −1
 model defaults to ViT-B_16; Mixer models have no dropout, representation layer or head-bias
 option, so only the optimisation part of the recipe applies.
 
-Data: ImageNet-21k is not a registered tfds builder, so the default is an image folder
-`<root>/train/<class>/*` and `<root>/test/<class>/*` with one directory per class (21,843 for
-the paper's version); point `--config.dataset=folder:/path/to/imagenet21k` at yours. A tfds name
-also works (`--config.dataset=<name> --config.train_split=... --config.test_split=...`). The
+Data: ImageNet-21k is not a registered tfds builder, and reading its 14M files as an image
+folder (`folder:`) would decode every file at each start; the recipe reads records prepared
+once by `python -m vit_jax.prepare_data` (`records:<dir>`: start-up reads the manifest only,
+training reads each global batch's records by index, resuming costs no reading). Its class
+folders `<root>/<wnid>/*.JPEG` (21,843 for the paper's version) become split 'train', and
+`--holdout=51200` holds out 51,200 images as 'test', as big_vision does ('full[51200:]' for
+training; there the first 51,200 of its split, here a seeded sample stratified over the
+classes). An image folder with train/ and test/ (`folder:`) or a tfds name
+(`--config.dataset=<name> --config.train_split=... --config.test_split=...`) also works. The
 classes are counted from the data. Fine-tune the result with
 `configs/finetune.py:<model>,<dataset> --config.pretrained=<this workdir>`; the paper's ViT-B_16
 pretrained this way reaches 84.0–84.5 % ImageNet top-1 after that fine-tuning at 384 px (the ViT
@@ -30,7 +37,7 @@ import ml_collections
 
 from configs import common
 
-DATASET = "folder:/path/to/imagenet21k"  # placeholder: set --config.dataset to your copy
+DATASET = "records:/path/to/in21k_records"  # placeholder: set --config.dataset to your copy
 # ImageNet-21k (fall 2011 release) holds 14,197,122 images; 51,200 are held out for test/ (as
 # big_vision's split 'full[51200:]'), leaving 14,145,922 training images.
 TRAIN_EXAMPLES = 14_197_122 - 51_200

@@ -96,7 +96,7 @@ def test_pretrain_recipe_builds_and_validates_for_every_model(name):
     assert (config.weight_decay, config.grad_clip_norm, config.loss) == (0.03, 1.0, "sigmoid_xent")
     # 90 epochs of the 14,145,922 ImageNet-21k training images at 4096 per step.
     assert config.total_steps == 310_824 == math.ceil(90 * (14_197_122 - 51_200) / 4096)
-    assert config.dataset.startswith("folder:")
+    assert config.dataset.startswith("records:")  # prepared once by vit_jax.prepare_data
     assert (config.train_split, config.test_split) == ("train", "test")
     if "transformer" in config.model:  # ViT and hybrids; Mixer has none of these options
         # Dropout 0.1 for B and larger (ViT paper, appendix B.1; DeiT-B too, the recipe goes by

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 from typing import Any
 
 import tensorflow as tf
@@ -89,8 +90,9 @@ def parse_record(record: tf.Tensor) -> dict[str, tf.Tensor]:
 
 
 def write_json(path: str, content: dict[str, Any]) -> None:
-    """Atomically (write a temporary file, then rename): a reader never sees half a file."""
-    tmp = f"{path}.tmp"
+    """Atomically (a temporary file of this process, then a rename): a reader never sees half a
+    file, and two hosts writing the same manifest at once do not mix their bytes."""
+    tmp = f"{path}.{socket.gethostname()}-{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(content, f, indent=1)
         f.write("\n")
