@@ -21,17 +21,31 @@ def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
     return models.model_config(name, **overrides)
 
 
-def check_preset_dataset(dataset: str, presets: Any, recipe: str, folder: str) -> str:
-    """`dataset`'s key in a recipe's `presets` (`folder` for every 'folder:/path'); ValueError
-    naming the recipe and listing the valid datasets for one without a preset."""
-    valid = ", ".join(f"{folder}/path" if d == folder else d for d in presets)
-    if dataset == folder or (dataset not in presets and not dataset.startswith(folder)):
+# Dataset names that carry a path (input_pipeline.FOLDER_PREFIX and RECORDS_PREFIX, written out so
+# that loading a recipe does not import TensorFlow: tests/test_configs.py checks they agree).
+PATH_PREFIXES = ("folder:", "records:")
+
+
+def preset_key(dataset: str) -> str:
+    """The presets key of `dataset`: its path prefix ('folder:', 'records:') or the name."""
+    return next((p for p in PATH_PREFIXES if dataset.startswith(p)), dataset)
+
+
+def valid_datasets(presets: Any) -> str:
+    return ", ".join(f"{d}/path" if d in PATH_PREFIXES else d for d in presets)
+
+
+def check_preset_dataset(dataset: str, presets: Any, recipe: str) -> str:
+    """`dataset`'s key in a recipe's `presets` (`preset_key`); ValueError naming the recipe and
+    listing the valid datasets for one without a preset."""
+    key = preset_key(dataset)
+    if dataset in PATH_PREFIXES or key not in presets:
         raise ValueError(
-            f"No {recipe} preset for dataset {dataset!r}; valid: {valid}. For another tfds "
-            "dataset start from a preset and override --config.dataset, --config.train_split, "
-            "--config.test_split and --config.total_steps."
+            f"No {recipe} preset for dataset {dataset!r}; valid: {valid_datasets(presets)}. For "
+            "another tfds dataset start from a preset and override --config.dataset, "
+            "--config.train_split, --config.test_split and --config.total_steps."
         )
-    return folder if dataset.startswith(folder) else dataset
+    return key
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -28,6 +28,7 @@ training size:
     cifar10        train / test            50,000 images
     cifar100       train / test            50,000 images
     folder:/path   train / test     (ImageNet's size: set --config.total_steps)
+    records:/path  train / test     (the same, prepared by vit_jax.prepare_data)
 
 Expected ImageNet-1k top-1 (the paper's Table 5, on GPUs): DeiT-Ti 72.2, S 79.8, B 81.8;
 distilled (RegNetY-16GF teacher) Ti 74.5, S 81.2, B 83.4. Not reproduced here (no accelerator).
@@ -47,21 +48,20 @@ BASE_LR_PER_512 = 5e-4  # lr = 5e-4 · batch / 512
 EPOCHS = 300
 WARMUP_EPOCHS = 5
 MIN_LR = 1e-5
-FOLDER = "folder:"  # input_pipeline.FOLDER_PREFIX, written out (no TensorFlow import here)
+FOLDER, RECORDS = common.PATH_PREFIXES
 # dataset: (train split, test split, training images)
 DATASETS: dict[str, tuple[str, str, int]] = {
     "imagenet2012": ("train", "validation", 1_281_167),
     "cifar10": ("train", "test", 50_000),
     "cifar100": ("train", "test", 50_000),
     FOLDER: ("train", "test", 1_281_167),
+    RECORDS: ("train", "test", 1_281_167),
 }
 
 
 def get_config(arg: str = "DeiT-S_16,imagenet2012") -> ml_collections.ConfigDict:
     model_name, dataset = _parse(arg)
-    train_split, test_split, train_images = DATASETS[
-        FOLDER if dataset.startswith(FOLDER) else dataset
-    ]
+    train_split, test_split, train_images = DATASETS[common.preset_key(dataset)]
     steps_per_epoch = math.ceil(train_images / BATCH_SIZE)
     c = common.get_config()
     c.dataset = dataset
@@ -96,11 +96,11 @@ def _parse(arg: str) -> tuple[str, str]:
     """'<model>[,<dataset>]' → (model, dataset); a dataset without a size fails listing them."""
     model_name, _, dataset = (part.strip() for part in arg.partition(","))
     dataset = dataset or "imagenet2012"
-    valid = ", ".join(f"{FOLDER}/path" if d == FOLDER else d for d in DATASETS)
+    valid = common.valid_datasets(DATASETS)
     if not model_name:
         raise ValueError(
             f"configs/deit.py takes '<model>[,<dataset>]', e.g. "
             f"'--config=configs/deit.py:DeiT-S_16', got {arg!r}. Datasets: {valid}."
         )
-    common.check_preset_dataset(dataset, DATASETS, "DeiT", FOLDER)
+    common.check_preset_dataset(dataset, DATASETS, "DeiT")
     return model_name, dataset

@@ -56,9 +56,8 @@ class Preset(NamedTuple):
     warmup_steps: int
 
 
-# The key of every 'folder:/path' dataset (input_pipeline.FOLDER_PREFIX; written out so that
-# loading this recipe does not import TensorFlow: tests/test_configs.py checks they agree).
-FOLDER = "folder:"
+# The keys of every 'folder:/path' and 'records:/path' dataset (see common.PATH_PREFIXES).
+FOLDER, RECORDS = common.PATH_PREFIXES
 PRESETS: dict[str, Preset] = {
     "cifar10": Preset("train[:98%]", "test", 10_000, 500),
     "cifar100": Preset("train[:98%]", "test", 10_000, 500),
@@ -66,6 +65,7 @@ PRESETS: dict[str, Preset] = {
     "oxford_iiit_pet": Preset("train[:90%]", "test", 500, 100),
     "oxford_flowers102": Preset("train[:90%]", "test", 500, 100),
     FOLDER: Preset("train", "test", 500, 100),
+    RECORDS: Preset("train", "test", 500, 100),
 }
 BASE_LR = 0.03
 BASE_LR_EXCEPTIONS = {("ViT-B_16", "cifar10"): 0.01}  # (model, dataset): base lr
@@ -73,7 +73,7 @@ BASE_LR_EXCEPTIONS = {("ViT-B_16", "cifar10"): 0.01}  # (model, dataset): base l
 
 def get_config(arg: str = "ViT-B_16,cifar10") -> ml_collections.ConfigDict:
     model_name, dataset = _parse(arg)
-    preset = PRESETS[FOLDER if dataset.startswith(FOLDER) else dataset]
+    preset = PRESETS[common.preset_key(dataset)]
     c = common.get_config()
     c.dataset = dataset
     c.train_split = preset.train_split
@@ -100,13 +100,13 @@ def get_config(arg: str = "ViT-B_16,cifar10") -> ml_collections.ConfigDict:
 def _parse(arg: str) -> tuple[str, str]:
     """'<model>,<dataset>' → (model, dataset); a dataset without preset fails listing them."""
     model_name, sep, dataset = (part.strip() for part in arg.partition(","))
-    valid = ", ".join(f"{FOLDER}/path" if d == FOLDER else d for d in PRESETS)
+    valid = common.valid_datasets(PRESETS)
     if not sep or not model_name or not dataset:
         raise ValueError(
             f"configs/finetune.py takes '<model>,<dataset>', e.g. "
             f"'--config=configs/finetune.py:ViT-B_16,cifar10', got {arg!r}. Datasets: {valid}."
         )
-    common.check_preset_dataset(dataset, PRESETS, "fine-tuning", FOLDER)
+    common.check_preset_dataset(dataset, PRESETS, "fine-tuning")
     return model_name, dataset
 
 

@@ -51,7 +51,11 @@ POOLED = [
     for n, c in models.MODEL_CONFIGS.items()
     if c.get("classifier", "gap") in POOLING and not c.get("distilled")
 ]
-FINETUNE_DATASETS = [*(d for d in finetune.PRESETS if d != finetune.FOLDER), "folder:/data/x"]
+FINETUNE_DATASETS = [
+    *(d for d in finetune.PRESETS if d not in common.PATH_PREFIXES),
+    "folder:/data/x",
+    "records:/data/x",
+]
 # dataset: (train split, test split, total steps, warmup steps), as in the original's configs.
 RECIPE_STEPS = {
     "cifar10": ("train[:98%]", "test", 10_000, 500),
@@ -253,3 +257,5 @@ def test_the_finetune_recipe_names_image_folders_as_the_input_pipeline_does():
     from vit_jax import input_pipeline
 
     assert finetune.FOLDER == input_pipeline.FOLDER_PREFIX
+    assert finetune.RECORDS == input_pipeline.RECORDS_PREFIX
+    assert common.PATH_PREFIXES == (input_pipeline.FOLDER_PREFIX, input_pipeline.RECORDS_PREFIX)

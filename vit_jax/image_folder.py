@@ -154,21 +154,27 @@ def tf_decodes(path: str) -> bool:
 
     Decodes the file to decide (see the module docstring); a file neither reads raises what
     Pillow raises (`OSError` and its subclasses, `ValueError`, `SyntaxError`,
-    `Image.DecompressionBombError`).
+    `Image.DecompressionBombError`), naming the file.
     """
     with open(path, "rb") as f:
-        return tf_decodes_data(f.read())
+        return _verdict(f.read(), lambda: path)
 
 
 def tf_decodes_data(data: bytes) -> bool:
     """`tf_decodes` for a file's encoded bytes (a prepared record holds them as they were)."""
-    with Image.open(io.BytesIO(data)) as image:  # reads the header only
+    return _verdict(data, lambda: io.BytesIO(data))
+
+
+def _verdict(data: bytes, source: Callable[[], Any]) -> bool:
+    """`tf_decodes` of `data`; Pillow reads `source()` (the path, for errors that name it)."""
+    with Image.open(source()) as image:  # reads the header only
         file_format, mode, size = image.format, image.mode, image.size
     if file_format in _JPEG_FORMATS and mode in _JPEG_MODES:
         decoded = _tf_decode_bytes(data)
         if decoded is not None and decoded.shape == (size[1], size[0], 3):
             return True
-    pillow = _read_rgb_data(data)  # Pillow's path must read what TF does not (raises otherwise)
+    with Image.open(source()) as image:  # Pillow's path must read what TF does not
+        pillow = _to_rgb(image)
     if file_format in _TF_IF_EQUAL_FORMATS:
         decoded = _tf_decode_bytes(data)
         return decoded is not None and np.array_equal(decoded, pillow)

@@ -33,6 +33,8 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import io
+import json
 import os
 import re
 import stat
@@ -43,6 +45,7 @@ from typing import Any
 
 import numpy as np
 from absl import app, flags
+from PIL import Image
 
 from vit_jax import image_folder
 from vit_jax import records_format as rf
@@ -118,6 +121,10 @@ def check_options(options: Options) -> None:
         )
     if options.max_side < 0:
         raise PrepareError(f"--max_side must be >= 0 (0: keep the files), got {options.max_side}.")
+    if options.process_count < 1:
+        raise PrepareError(f"--process_count must be >= 1, got {options.process_count}.")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise PrepareError(f"--out={options.out!r} exists and is not a directory.")
     if not 0 <= options.process_index < options.process_count:
         raise PrepareError(
             f"--process_index={options.process_index} is not in [0, --process_count="
@@ -203,8 +210,9 @@ def _hold_out(entries: list[tuple[str, int]], options: Options) -> dict[str, lis
     take[order[: wanted - take.sum()]] += 1
     rng = np.random.default_rng(options.seed)
     held = np.zeros(n, bool)
+    starts = np.searchsorted(labels, np.arange(len(counts)))  # entries are sorted by label
     for label in np.flatnonzero(take):
-        members = np.flatnonzero(labels == label)
+        members = starts[label] + np.arange(counts[label])
         held[rng.choice(members, size=take[label], replace=False)] = True
     return {
         "train": [e for e, h in zip(entries, held, strict=True) if not h],
@@ -257,15 +265,23 @@ def prepare(options: Options, log=print) -> dict[str, Any] | None:
 
 def _finished_shards(out: str, plan: Plan) -> dict[str, dict[str, Any]]:
     """Sidecars of the plan's complete shards; another preparation's shards are an error."""
-    import json
-
     present = set(os.listdir(out))
+    planned = {s.name for s in plan.shards}
+    foreign = sorted(n for n in present if n.endswith(rf.SHARD_SUFFIX) and n not in planned)
+    if foreign:
+        raise PrepareError(
+            f"--out={out!r} holds shards this preparation would not write (e.g. {foreign[0]}): "
+            "another folder, --shard_size or --holdout. Use an empty --out, or remove it."
+        )
     done = {}
     for shard in plan.shards:
         if shard.name not in present or shard.name + rf.SIDECAR_SUFFIX not in present:
             continue
-        with open(os.path.join(out, shard.name + rf.SIDECAR_SUFFIX)) as f:
-            sidecar = json.load(f)
+        try:
+            with open(os.path.join(out, shard.name + rf.SIDECAR_SUFFIX)) as f:
+                sidecar = json.load(f)
+        except ValueError:  # written atomically: only a damaged disk gets here; redo the shard
+            continue
         if sidecar.get("fingerprint") != plan.fingerprint:
             raise PrepareError(
                 f"--out={out!r} holds shards of another preparation (fingerprint "
@@ -281,7 +297,11 @@ def _write_shard(shard, options, fingerprint, pool, progress) -> dict[str, Any]:
 
     folder = os.path.realpath(options.folder)
     path = os.path.join(options.out, shard.name)
-    writer = array_record_module.ArrayRecordWriter(f"{path}.tmp", rf.WRITER_OPTIONS)
+    for name in os.listdir(options.out):  # left by a kill while writing this shard
+        if name.startswith(shard.name + ".") and name.endswith(".tmp"):
+            os.remove(os.path.join(options.out, name))
+    tmp = rf.temporary_name(path)
+    writer = array_record_module.ArrayRecordWriter(tmp, rf.WRITER_OPTIONS)
     per_class: dict[int, int] = {}
     skipped, size = [], 0
     jobs = ((os.path.join(folder, file), options.max_side) for file, _ in shard.files)
@@ -296,7 +316,7 @@ def _write_shard(shard, options, fingerprint, pool, progress) -> dict[str, Any]:
         per_class[label] = per_class.get(label, 0) + 1
         size += len(data)
     writer.close()
-    os.replace(f"{path}.tmp", path)
+    os.replace(tmp, path)
     sidecar = {
         "fingerprint": fingerprint,
         "split": shard.split,
@@ -324,11 +344,11 @@ def _read_checked(job: tuple[str, int]) -> tuple[bytes | None, bool, str | None]
         return None, False, "empty file"
     try:
         tf_decodes = image_folder.tf_decodes_data(data)
+        if max_side:
+            data, tf_decodes = _shrunk(data, tf_decodes, max_side)
     except Exception as e:  # any decoder failure means "skip this file"
         message = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
         return None, False, f"not a readable image ({type(e).__name__}: {message})"
-    if max_side:
-        data, tf_decodes = _shrunk(data, tf_decodes, max_side)
     return data, tf_decodes, None
 
 
@@ -336,10 +356,11 @@ def _shrunk(data: bytes, tf_decodes: bool, max_side: int) -> tuple[bytes, bool]:
     """An image with a longer side above `max_side`, area-resized to it and JPEG-encoded."""
     import tensorflow as tf
 
-    image = image_folder.decode_data(tf.constant(data), tf.constant(tf_decodes))
-    height, width = int(image.shape[0]), int(image.shape[1])
+    with Image.open(io.BytesIO(data)) as header:  # the size, without decoding
+        width, height = header.size
     if max(height, width) <= max_side:
         return data, tf_decodes
+    image = image_folder.decode_data(tf.constant(data), tf.constant(tf_decodes))
     scale = max_side / max(height, width)
     size = [max(1, round(height * scale)), max(1, round(width * scale))]
     small = tf.image.resize(image, size, method="area")
@@ -466,7 +487,7 @@ def main(argv: Sequence[str]) -> None:
     )
     try:
         prepare(options, log=lambda line: print(line, flush=True))
-    except (PrepareError, image_folder.FolderPermissionError) as e:
+    except (PrepareError, OSError) as e:  # FolderPermissionError is an OSError
         print(f"prepare_data: error: {e}", file=sys.stderr)
         sys.exit(2)
 

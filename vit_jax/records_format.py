@@ -89,10 +89,15 @@ def parse_record(record: tf.Tensor) -> dict[str, tf.Tensor]:
     }
 
 
+def temporary_name(path: str) -> str:
+    """`<path>.<host>-<pid>.tmp`: no two writers (hosts, reruns) share a temporary file."""
+    return f"{path}.{socket.gethostname()}-{os.getpid()}.tmp"
+
+
 def write_json(path: str, content: dict[str, Any]) -> None:
     """Atomically (a temporary file of this process, then a rename): a reader never sees half a
     file, and two hosts writing the same manifest at once do not mix their bytes."""
-    tmp = f"{path}.{socket.gethostname()}-{os.getpid()}.tmp"
+    tmp = temporary_name(path)
     with open(tmp, "w") as f:
         json.dump(content, f, indent=1)
         f.write("\n")

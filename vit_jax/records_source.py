@@ -39,6 +39,7 @@ from vit_jax.source import Source, check_process
 
 PREFIX = "records:"
 _EVAL_CHUNK = 256  # records read per generator step during evaluation
+_OTHER_OPEN_FILES = 1024  # kept free for everything else a run opens
 
 
 class EncodedImage(NamedTuple):
@@ -65,6 +66,7 @@ def records_source(directory: str, split: str, process_index: int, process_count
         for s in shards
         if s["num_records"]
     )
+    _allow_open_files(len(paths), directory)
     class_names = tuple(manifest["class_names"])
     own = len(range(process_index, n, process_count))
     records = _records(paths)
@@ -91,6 +93,27 @@ def _records(paths: tuple[str, ...]):
     import grain
 
     return grain.sources.ArrayRecordDataSource(list(paths))
+
+
+def _allow_open_files(num_shards: int, directory: str) -> None:
+    """Raises this process's open-file limit to what one reader per shard needs.
+
+    Every shard's reader stays open once used (a global batch touches most shards), and the
+    usual soft limit of 1024 is below ImageNet-21k's ~14k shards of 1024 records.
+    """
+    import resource
+
+    needed = num_shards + _OTHER_OPEN_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise rf.RecordsError(
+            f"Records directory {directory!r} has {num_shards} shards, each read through an open "
+            f"file, but this process may open at most {hard} files (`ulimit -Hn`). Raise the "
+            "limit, or prepare the folder again with a larger --shard_size."
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
 def _strided(records, process_index: int, process_count: int) -> Iterator[np.ndarray]:
@@ -132,10 +155,15 @@ def _global_stream(
 
 
 def training_keys(num_records: int, seed: int):
-    """Record index at each stream position: grain's seeded shuffle, a new one per epoch."""
+    """Record index at each stream position: grain's seeded shuffle, a new one per epoch.
+
+    grain seeds epoch e with `seed + e`, so the run's seed is mixed first: seeds s and s + 1
+    would otherwise shuffle alike one epoch apart.
+    """
     import grain
 
-    return grain.MapDataset.range(num_records).shuffle(seed=seed).repeat()
+    mixed = int(np.random.SeedSequence(seed).generate_state(1)[0] >> 1)  # [0, 2**31)
+    return grain.MapDataset.range(num_records).shuffle(seed=mixed).repeat()
 
 
 def _as_strings(records) -> np.ndarray:
