@@ -447,12 +447,13 @@ def _digits_folder(root):
     return root
 
 
-# Measured (2026-12-02, AMD EPYC Zen 4, AVX512-BF16): test_learns.py's digits run shortened to
-# 300 steps, reading the digits as PNG records, seeds 0, 1, 2: test accuracy 0.8472, 0.8528,
-# 0.8333 (19 s each). The floor, 0.80, is 12 test examples below the worst seed; a run that
-# learns nothing scores about 0.1.
+# Measured (2026-12-02, 2-core Intel Xeon, AVX512-BF16): test_learns.py's digits run shortened
+# to 300 steps of batch 128, reading the digits as PNG records, seeds 0, 1, 2: test accuracy
+# 0.8139, 0.8250, 0.8194 (14 s each; batch 256: 0.8472, 0.8528, 0.8333 in 19 s). The floor,
+# 0.78, is 12 test examples below the worst seed; a run that learns nothing scores about 0.1.
 RECORDS_STEPS = 300
-RECORDS_ACCURACY_FLOOR = 0.80
+RECORDS_BATCH = 128
+RECORDS_ACCURACY_FLOOR = 0.78
 
 
 def test_training_from_records_learns_and_resumes_mid_epoch_bit_identically(tmp_path):
@@ -461,6 +462,7 @@ def test_training_from_records_learns_and_resumes_mid_epoch_bit_identically(tmp_
     config = learning_config()
     config.update(
         dataset=f"records:{out}",
+        batch_size=RECORDS_BATCH,
         total_steps=RECORDS_STEPS,
         log_every=RECORDS_STEPS,
         checkpoint_every=RECORDS_STEPS // 2,
@@ -470,7 +472,7 @@ def test_training_from_records_learns_and_resumes_mid_epoch_bit_identically(tmp_
     assert metrics["count"] == 360
     assert metrics["accuracy"] >= RECORDS_ACCURACY_FLOOR, metrics
 
-    # Killed after the checkpoint of step 150 (mid-epoch: an epoch is 1437 / 256 = 5.6 steps
+    # Killed after the checkpoint of step 150 (mid-epoch: an epoch is 1437 / 128 = 11.2 steps
     # and 150 is not a multiple of it): the rerun resumes there and ends bit-identical.
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(tmp_path / "run", resumed_dir)

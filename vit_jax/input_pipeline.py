@@ -38,12 +38,10 @@ helper), the training loop, or metrics, nor listing and decoding image files
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import functools
 import math
 import os
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
@@ -51,6 +49,7 @@ import numpy as np
 import tensorflow as tf
 
 from vit_jax import csv_dataset, image_folder, indexed_sources, records_source, tfds_source
+from vit_jax.closable_batches import ClosableBatches
 from vit_jax.csv_dataset import CsvSpec
 from vit_jax.indexed_sources import DIGITS
 from vit_jax.source import Source
@@ -104,40 +103,6 @@ class EvalBatches:
 
     def __len__(self) -> int:
         return self.num_batches
-
-
-class ClosableBatches:
-    """A tf.data dataset's numpy batches, released by `close()` or, at the latest, at exit.
-
-    A tf.data iterator still alive when the interpreter finalises can hang the exit for good:
-    its destructor waits for in-flight calls into Python (path lookups, record reads) that can
-    no longer take the GIL. Every iterator this module hands out is therefore closed by an
-    `atexit` hook, which runs while Python is still whole, if its user has not closed it.
-    """
-
-    def __init__(self, dataset: tf.data.Dataset):
-        self._iterator: Iterator[Batch] | None = iter(dataset.as_numpy_iterator())
-        _LIVE_ITERATORS.add(self)
-
-    def __iter__(self) -> ClosableBatches:
-        return self
-
-    def __next__(self) -> Batch:
-        if self._iterator is None:
-            raise StopIteration
-        return next(self._iterator)
-
-    def close(self) -> None:
-        self._iterator = None  # the tf.data iterator's last reference: its threads stop now
-
-
-_LIVE_ITERATORS: weakref.WeakSet[ClosableBatches] = weakref.WeakSet()
-
-
-@atexit.register
-def _close_live_iterators() -> None:
-    for batches in list(_LIVE_ITERATORS):
-        batches.close()
 
 
 # ----------------------------------------------------------------------------------------------
