@@ -64,6 +64,7 @@ RECIPE_STEPS = {
     "oxford_iiit_pet": ("train[:90%]", "test", 500, 100),
     "oxford_flowers102": ("train[:90%]", "test", 500, 100),
     "folder:/data/x": ("train", "test", 500, 100),
+    "records:/data/x": ("train", "test", 500, 100),
 }
 
 
