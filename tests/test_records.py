@@ -383,19 +383,22 @@ def test_bad_preparation_inputs_fail_before_any_work(tmp_path):
         _prepare(folder, tmp_path / "a_file")
 
 
-def test_command_line_reports_a_bad_folder_in_one_line(tmp_path, capsys):
-    from absl import flags
-
-    missing = tmp_path / "missing"
-    flags.FLAGS(["prepare_data", f"--folder={missing}", f"--out={tmp_path / 'out'}"])
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            prepare_data.main(["prepare_data"])
-    finally:
-        flags.FLAGS.unparse_flags()
-    assert exit_.value.code == 2
-    error = capsys.readouterr().err
-    assert error == f"prepare_data: error: --folder='{missing}' is not a directory.\n"
+def test_command_line_reports_a_bad_folder_in_one_line(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vit_jax.prepare_data",
+            f"--folder={tmp_path / 'missing'}",
+            f"--out={tmp_path / 'out'}",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert f"prepare_data: error: --folder='{tmp_path / 'missing'}' is not a directory." in (
+        result.stderr
+    )
 
 
 def test_bad_records_directories_get_one_clear_error(prepared, tmp_path):
