@@ -101,7 +101,7 @@ def test_global_batches_do_not_depend_on_the_process_count():
 def test_each_epoch_reads_every_example_once():
     """The first epoch's positions are a permutation of the split (raw, before augmentation)."""
     images, labels = indexed_sources._digits_split("train")
-    elements = ip._global_order(
+    elements = indexed_sources.global_order(
         images,
         {"label": labels},
         seed=0,
@@ -117,7 +117,7 @@ def test_each_epoch_reads_every_example_once():
     assert positions == list(range(len(labels)))
     expected = [x.tobytes() + bytes([y]) for x, y in zip(images, labels, strict=True)]
     assert collections.Counter(raw) == collections.Counter(expected)
-    second = ip._global_order(
+    second = indexed_sources.global_order(
         images,
         {"label": labels},
         seed=0,
@@ -328,7 +328,7 @@ def test_folder_jpeg_decodes_as_tf_decode_jpeg_in_every_path(tmp_path):
             np.testing.assert_array_equal(image, files[path])
     # The training order carries each file's decoder next to its path.
     source = ip._load_source(f"folder:{root}", "train")
-    elements = ip._global_order(
+    elements = indexed_sources.global_order(
         *source.arrays, seed=0, start_step=0, global_batch_size=2, process_index=0, process_count=1
     )
     for _, example in elements.take(2):

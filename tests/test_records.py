@@ -85,12 +85,23 @@ def _prepare(folder, out, **options):
     return manifest, lines
 
 
+def _decode_record(record: bytes) -> dict:
+    """A record's fields, read with protobuf alone (not the package's graph-mode parser)."""
+    feature = tf.train.Example.FromString(record).features.feature
+    return {
+        "image": feature["image"].bytes_list.value[0],
+        "tf_decodes": bool(feature["tf_decodes"].int64_list.value[0]),
+        "label": int(feature["label"].int64_list.value[0]),
+        "file": feature["file"].bytes_list.value[0].decode(),
+    }
+
+
 def _all_records(out, split):
     manifest = rf.read_manifest(str(out))
     records = []
     for shard in manifest["splits"][split]["shards"]:
         reader = array_record_module.ArrayRecordReader(str(out / shard["file"]))
-        records += [rf.decode_record(r) for r in reader.read_all()]
+        records += [_decode_record(r) for r in reader.read_all()]
         reader.close()
     return records
 

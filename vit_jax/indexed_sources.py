@@ -5,8 +5,9 @@ This module owns
 - image folders (`train/<class>/*`, `test/<class>/*`): their classes, and which files are
   readable images and which decoder reads each (TF's or Pillow's path);
 - CSVs of per-image targets (`vit_jax.csv_dataset` reads them; here they become a `Source`);
-- the strided per-process slice of such an in-memory split (`Source.arrays` keeps the whole
-  split, so training can read it in one global order).
+- the strided per-process slice of such an in-memory split for evaluation, and the training
+  stream over the whole split in one global order (`global_order`, the sources'
+  `global_stream`): the same global batches for any process count.
 
 Image folders and CSVs are validated once per process lifetime: every file is decoded once
 (lossless files TF reads twice: by TF and by Pillow, compared); in a multi-process JAX run each
@@ -33,7 +34,7 @@ import tensorflow as tf
 
 from vit_jax import csv_dataset, image_folder
 from vit_jax.csv_dataset import CsvSpec
-from vit_jax.source import Source, check_process
+from vit_jax.source import TRAIN_PARALLEL_CALLS, Source, check_process
 
 DIGITS = "sklearn_digits"
 FOLDER_SPLITS = ("train", "test")
@@ -80,7 +81,60 @@ def _from_arrays(
         (images, fields),
         target_names,
         num_features,
+        functools.partial(global_order, images, fields),
     )
+
+
+def global_order(
+    images: np.ndarray | image_folder.ImageFiles,
+    fields: dict[str, np.ndarray],
+    *,
+    seed: int,
+    start_step: int,
+    global_batch_size: int,
+    process_index: int,
+    process_count: int,
+) -> tf.data.Dataset:
+    """`(position, {'image', **fields})` of this process's part of each global batch, raw images.
+
+    Stream position p holds example `permutation_e[p mod n]` of epoch e = p // n (a seeded
+    permutation of all n examples per epoch); global batch b is positions [bB, (b+1)B) and process
+    i takes its i-th contiguous part. Only integers are skipped and sliced; each process gathers
+    (and later decodes) its own examples only.
+    """
+    n = len(next(iter(fields.values())))  # 'label', or a CSV's 'target' (and 'features')
+    per_host = global_batch_size // process_count
+    first = start_step * global_batch_size
+    epoch_seed = tf.constant([seed, 1], tf.int64)
+
+    def epoch(e):
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(n, dtype=tf.int64), tf.random.experimental.stateless_fold_in(epoch_seed, e)
+        )
+        return tf.data.Dataset.from_tensor_slices((e * n + tf.range(n, dtype=tf.int64), order))
+
+    own = slice(process_index * per_host, (process_index + 1) * per_host)
+    ds = tf.data.Dataset.range(first // n, np.iinfo(np.int64).max).flat_map(epoch)
+    ds = ds.skip(first % n).batch(global_batch_size).map(lambda p, i: (p[own], i[own])).unbatch()
+    columns = {key: tf.constant(values) for key, values in fields.items()}
+    if isinstance(images, image_folder.ImageFiles):  # paths looked up in Python, not embedded
+        paths = images.paths.astype(np.bytes_)  # in the graph (millions would near protobuf's 2 GB)
+        tf_decodes = tf.constant(images.tf_decodes, tf.bool)  # next to each path, by index
+
+        def image_at(i):
+            path = tf.numpy_function(lambda j: paths[j], [i], tf.string, stateful=False)
+            path.set_shape([])
+            return image_folder.ImageFiles(path, tf.gather(tf_decodes, i))
+    else:
+        images = tf.constant(images)
+
+        def image_at(i):
+            return tf.gather(images, i)
+
+    def element(p, i):
+        return p, {"image": image_at(i), **{k: tf.gather(v, i) for k, v in columns.items()}}
+
+    return ds.map(element, num_parallel_calls=TRAIN_PARALLEL_CALLS)
 
 
 def digits_source(split: str, process_index: int, process_count: int) -> Source:

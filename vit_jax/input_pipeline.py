@@ -21,7 +21,8 @@ This module owns:
 
 Training streams are seeded and augmentation uses stateless random ops keyed by the element's
 absolute stream position, so `start_step=k` reproduces an uninterrupted stream from step k on.
-- The offline set, image folders and CSVs are addressable by index: their stream is one seeded
+- The offline set, image folders and CSVs are addressable by index: their stream
+  (`indexed_sources.global_order`, handed over as `Source.global_stream`) is one seeded
   permutation per epoch, cut into global batches, and process i decodes only the i-th part of each
   global batch. The global batches are therefore the same for any number of processes (a 2-host
   run sees the data a 1-host run sees), and resuming costs no reading. Prepared records follow
@@ -41,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
@@ -52,7 +52,7 @@ from vit_jax import csv_dataset, image_folder, indexed_sources, records_source, 
 from vit_jax.closable_batches import ClosableBatches
 from vit_jax.csv_dataset import CsvSpec
 from vit_jax.indexed_sources import DIGITS
-from vit_jax.source import Source
+from vit_jax.source import TRAIN_PARALLEL_CALLS, Source
 
 FOLDER_PREFIX = "folder:"
 CSV_PREFIX = "csv:"
@@ -61,8 +61,6 @@ TARGET_KINDS = ("one_hot", "multi_hot", "value")
 EVAL_CROPS = ("resize", "resize_small_crop")
 _CROP_AREA = (0.05, 1.0)
 _CROP_ASPECT = (3 / 4, 4 / 3)
-# Parallel preprocessing calls of the training pipeline (fixed: see `_options`).
-_TRAIN_PARALLEL_CALLS = max(1, min(os.cpu_count() or 1, 64))
 
 Batch = dict[str, np.ndarray]
 
@@ -203,16 +201,7 @@ def get_train_iterator(
     )
     encode = _target_encoder(dataset, source, targets)
     base_seed = tf.constant([seed, 0], tf.int64)
-    if source.arrays is not None:
-        ds = _global_order(
-            *source.arrays,
-            seed=seed,
-            start_step=start_step,
-            global_batch_size=global_batch_size,
-            process_index=process_index,
-            process_count=process_count,
-        )
-    elif source.global_stream is not None:
+    if source.global_stream is not None:  # digits, folders, CSVs, records
         ds = source.global_stream(
             seed=seed,
             start_step=start_step,
@@ -236,7 +225,7 @@ def get_train_iterator(
         image = tf.image.stateless_random_flip_left_right(image, flip_seed)
         return {"image": _normalize(image), **encode(example)}
 
-    ds = ds.map(preprocess, num_parallel_calls=num_workers or _TRAIN_PARALLEL_CALLS)
+    ds = ds.map(preprocess, num_parallel_calls=num_workers or TRAIN_PARALLEL_CALLS)
     ds = ds.batch(per_host, drop_remainder=True)
     ds = ds.map(functools.partial(_shard, devices=local_device_count, per_device=per_device))
     ds = ds.prefetch(2).with_options(_options(autotune=False))
@@ -347,58 +336,6 @@ def _options(autotune: bool = True) -> tf.data.Options:
     options.deterministic = True
     options.autotune.enabled = autotune
     return options
-
-
-def _global_order(
-    images: np.ndarray | image_folder.ImageFiles,
-    fields: dict[str, np.ndarray],
-    *,
-    seed: int,
-    start_step: int,
-    global_batch_size: int,
-    process_index: int,
-    process_count: int,
-) -> tf.data.Dataset:
-    """`(position, {'image', **fields})` of this process's part of each global batch, raw images.
-
-    Stream position p holds example `permutation_e[p mod n]` of epoch e = p // n (a seeded
-    permutation of all n examples per epoch); global batch b is positions [bB, (b+1)B) and process
-    i takes its i-th contiguous part. Only integers are skipped and sliced; each process gathers
-    (and later decodes) its own examples only.
-    """
-    n = len(next(iter(fields.values())))  # 'label', or a CSV's 'target' (and 'features')
-    per_host = global_batch_size // process_count
-    first = start_step * global_batch_size
-    epoch_seed = tf.constant([seed, 1], tf.int64)
-
-    def epoch(e):
-        order = tf.random.experimental.stateless_shuffle(
-            tf.range(n, dtype=tf.int64), tf.random.experimental.stateless_fold_in(epoch_seed, e)
-        )
-        return tf.data.Dataset.from_tensor_slices((e * n + tf.range(n, dtype=tf.int64), order))
-
-    own = slice(process_index * per_host, (process_index + 1) * per_host)
-    ds = tf.data.Dataset.range(first // n, np.iinfo(np.int64).max).flat_map(epoch)
-    ds = ds.skip(first % n).batch(global_batch_size).map(lambda p, i: (p[own], i[own])).unbatch()
-    columns = {key: tf.constant(values) for key, values in fields.items()}
-    if isinstance(images, image_folder.ImageFiles):  # paths looked up in Python, not embedded
-        paths = images.paths.astype(np.bytes_)  # in the graph (millions would near protobuf's 2 GB)
-        tf_decodes = tf.constant(images.tf_decodes, tf.bool)  # next to each path, by index
-
-        def image_at(i):
-            path = tf.numpy_function(lambda j: paths[j], [i], tf.string, stateful=False)
-            path.set_shape([])
-            return image_folder.ImageFiles(path, tf.gather(tf_decodes, i))
-    else:
-        images = tf.constant(images)
-
-        def image_at(i):
-            return tf.gather(images, i)
-
-    def element(p, i):
-        return p, {"image": image_at(i), **{k: tf.gather(v, i) for k, v in columns.items()}}
-
-    return ds.map(element, num_parallel_calls=_TRAIN_PARALLEL_CALLS)
 
 
 # ----------------------------------------------------------------------------------------------

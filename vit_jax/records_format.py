@@ -68,17 +68,6 @@ def encode_record(data: bytes, tf_decodes: bool, label: int, file: str) -> bytes
     return example.SerializeToString()
 
 
-def decode_record(record: bytes) -> dict[str, Any]:
-    """A record's fields in Python (tests and tools): image, tf_decodes, label, file."""
-    feature = tf.train.Example.FromString(record).features.feature
-    return {
-        "image": feature["image"].bytes_list.value[0],
-        "tf_decodes": bool(feature["tf_decodes"].int64_list.value[0]),
-        "label": int(feature["label"].int64_list.value[0]),
-        "file": feature["file"].bytes_list.value[0].decode(),
-    }
-
-
 def parse_record(record: tf.Tensor) -> dict[str, tf.Tensor]:
     """Graph-mode parse of one serialised record: {'image', 'tf_decodes' (bool), 'label'}."""
     parsed = tf.io.parse_single_example(record, _FEATURES)

@@ -10,6 +10,7 @@ module so that neither kind of source imports the pipeline, nor the other kind.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,9 @@ import numpy as np
 import tensorflow as tf
 
 from vit_jax import image_folder
+
+# Parallel calls of a training pipeline's maps (fixed: see `input_pipeline._options`).
+TRAIN_PARALLEL_CALLS = max(1, min(os.cpu_count() or 1, 64))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,9 +42,10 @@ class Source:
     arrays: tuple[np.ndarray | image_folder.ImageFiles, dict[str, np.ndarray]] | None = None
     target_names: tuple[str, ...] | None = None  # a CSV's target columns (regression only)
     num_features: int = 0
-    # Sources read by index from files (prepared records): the training stream in one global
-    # order, `(seed=, start_step=, global_batch_size=, process_index=, process_count=)` →
-    # dataset of `(position, raw element)` for this process's part of each global batch.
+    # Sources addressable by index (in memory, or prepared records): the training stream in one
+    # global order, `(seed=, start_step=, global_batch_size=, process_index=, process_count=)` →
+    # dataset of `(position, raw element)` for this process's part of each global batch; None
+    # for a tfds dataset (read in order, shuffled with a buffer).
     global_stream: Callable[..., tf.data.Dataset] | None = None
 
 
