@@ -106,7 +106,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim_dtype = "float32"  # dtype of SGD momentum / Adam first moment: float32 or bfloat16
     c.weight_decay = 0.0  # decoupled weight decay, adamw only, kernels only
     # Objective: the task decides targets, head, loss and metrics (vit_jax.tasks).
-    c.task = "classification"  # 'classification', 'regression' or 'distillation' (DeiT)
+    # 'classification', 'regression', 'distillation' (DeiT), 'mae' or 'mpp' (self-supervised)
+    c.task = "classification"
     # Classification: 'softmax_xent', 'sigmoid_xent' (multi-hot); regression: 'mse', 'sigmoid_bce'.
     c.loss = "softmax_xent"
     c.label_smoothing = 0.0  # mass moved uniformly over all classes (softmax_xent only)
@@ -125,6 +126,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.distill.type = "hard"  # 'hard' (the teacher's argmax) or 'soft' (KL at temperature tau)
     c.distill.alpha = 0.1  # soft: weight of the KL term (hard: ½ and ½, as in the paper)
     c.distill.tau = 3.0  # soft: temperature
+    # Self-supervised pretraining (no labels read): MAE (task='mae', loss='mse') and the ViT
+    # paper's masked patch prediction (task='mpp'); fine-tune from the run's params.npz.
+    c.mae = ml_collections.ConfigDict()
+    c.mae.mask_ratio = 0.75  # share of the patches hidden from the encoder
+    c.mae.norm_pix_loss = True  # targets: each patch's pixels normalised by its mean and std
+    c.mae.decoder_width = 512
+    c.mae.decoder_depth = 8
+    c.mae.decoder_heads = 16
+    c.mpp = ml_collections.ConfigDict()
+    c.mpp.target = "mean_color"  # 'mean_color' (3-bit, 512 classes), 'color_4x4', 'pixels' (L2)
+    c.mpp.corrupt_ratio = 0.5  # share of the patches corrupted (and predicted)
+    c.mpp.mask_fraction = 0.8  # of those: replaced by the [mask] embedding
+    c.mpp.random_fraction = 0.1  # of those: replaced by another patch's embedding (rest kept)
     c.seed = 0  # init, dropout and data-order seed
     # Schedule of side work (in steps; 0 = only at the end).
     c.eval_every = 0  # evaluate on test_split every this many steps, and at the end

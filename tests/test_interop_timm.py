@@ -173,9 +173,9 @@ def _timm_state_from_ours(params: dict) -> dict[str, np.ndarray]:
         "pos_embed": t["posembed_input"]["pos_embedding"],
         "norm.weight": t["encoder_norm"]["scale"],
         "norm.bias": t["encoder_norm"]["bias"],
-        "head.weight": p["head"]["kernel"].T,
-        "head.bias": p["head"]["bias"],
     }
+    if "head" in p:  # a headless encoder has none (timm's head is then an Identity)
+        state |= {"head.weight": p["head"]["kernel"].T, "head.bias": p["head"]["bias"]}
     if "cls" in p:
         state["cls_token"] = p["cls"]
     for i in range(LAYERS):
@@ -346,3 +346,33 @@ def test_comparison_tells_gelu_variants_apart(tmp_path):
     images = _images(seed=6)
     diff = np.abs(_our_logits(model, params, images) - _timm_logits(exact, images)).max()
     assert diff > 10 * ATOL
+
+
+def test_a_pretraining_runs_exported_encoder_loads_into_timm(tmp_path):
+    """MAE's encoder (the ViT under `encoder`, no head) as `encoder.npz`: timm's npz reader
+    takes it whole, and its pooled features equal ours (class token after the final norm)."""
+    from vit_jax import encoder_tree, models_ssl
+
+    plain = _our_model("token")
+    encoder = plain.clone(num_classes=0, classifier="token_unpooled")
+    mae = models_ssl.MaskedAutoencoder(
+        encoder=encoder, decoder_width=16, decoder_depth=1, decoder_heads=2
+    )
+    variables = mae.init(jax.random.PRNGKey(0), jnp.zeros((1, IMAGE, IMAGE, 3)), train=False)
+    params = flax.core.unfreeze(variables["params"])
+    # Random values everywhere (the init's zero class token would hide a mis-mapping).
+    params["encoder"] = _random_params(plain.clone(num_classes=0), seed=3)
+    exported, left_out = encoder_tree.encoder_params(params)
+    assert left_out and left_out[0].startswith("decoder (MAE decoder")
+    path = tmp_path / encoder_tree.ENCODER_FILE
+    checkpoint.save(exported, path)
+
+    timm_model = _timm_model("token")
+    timm_model.reset_classifier(0)
+    timm_vit._load_weights(timm_model, str(path))
+    _assert_same_state(_timm_state(timm_model), _timm_state_from_ours(exported))
+    images = _images(seed=4)
+    ours = _our_logits(plain.clone(num_classes=0), exported, images)
+    theirs = _timm_logits(timm_model, images)
+    assert ours.shape == theirs.shape == (4, HIDDEN)
+    assert np.abs(ours - theirs).max() <= ATOL

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from vit_jax import encoder_tree
+
 RELEASED_FILES_HINT = (
     "Released checkpoints are published in the public bucket gs://vit_models/ "
     "(https://console.cloud.google.com/storage/browser/vit_models), e.g. "
@@ -539,7 +541,15 @@ def adapt_for_finetuning(
     init_params = _as_plain_dict(init_params)
     target_scanned = is_scanned(init_params)
     expected = unscan_params(init_params) if target_scanned else init_params
-    params = _as_plain_dict(restored)
+    if encoder_tree.is_pretraining_tree(init_params):
+        return _adapt_for_pretraining(restored, init_params, old_grid_shape, new_grid_shape)
+    params, left_out = encoder_tree.encoder_params(_as_plain_dict(restored))
+    if left_out:
+        logging.warning(
+            "load_pretrained: a self-supervised pretraining file: its encoder is loaded; "
+            "dropped: %s",
+            "; ".join(left_out),
+        )
     params = unscan_params(params) if is_scanned(params) else params
 
     for key in FRESH_HEAD_KEYS:
@@ -593,6 +603,39 @@ def adapt_for_finetuning(
 
 
 _MIXER_TOKEN_KERNEL = ("MixerBlock_0", "token_mixing", "Dense_0", "kernel")
+
+
+def _adapt_for_pretraining(
+    restored: Mapping[str, Any],
+    init_params: Mapping[str, Any],
+    old_grid_shape: tuple[int, int] | None,
+    new_grid_shape: tuple[int, int] | None,
+) -> Params:
+    """A pretraining model (`vit_jax.encoder_tree`) started from a file: the file's encoder
+    (a released ViT or another pretraining run's) adapted as for fine-tuning; the objective's
+    parts from the file where it has them with the same shapes, else freshly initialised."""
+    init_params = _as_plain_dict(init_params)
+    restored = _as_plain_dict(restored)
+    encoder, _ = encoder_tree.encoder_params(restored)
+    params = dict(init_params)
+    params[encoder_tree.ENCODER] = adapt_for_finetuning(
+        encoder,
+        init_params[encoder_tree.ENCODER],
+        old_grid_shape=old_grid_shape,
+        new_grid_shape=new_grid_shape,
+    )
+    for key in set(init_params) - {encoder_tree.ENCODER}:
+        if key in restored and _shapes(restored[key]) == _shapes(init_params[key]):
+            params[key] = restored[key]
+        else:
+            logging.info("load_pretrained: %s fresh init (not in the file with these shapes)", key)
+    return params
+
+
+def _shapes(tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {k: np.shape(v) for k, v in flatten(tree).items()}
+    return np.shape(tree)
 
 
 def check_mixer_tokens(restored: Mapping[str, Any], expected: Mapping[str, Any]) -> None:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import checkpoint, model_heads, models, models_mixer, models_vit
+from vit_jax import checkpoint, encoder_tree, model_heads, models, models_mixer, models_vit
 
 Params = dict[str, Any]
 
@@ -195,6 +195,13 @@ def model_for_checkpoint(
     per-image features a regression head also reads (its `task.json` says).
     """
     params = dict(params)
+    if encoder_tree.is_pretraining_tree(params):
+        raise ValueError(
+            f"These params are a self-supervised pretraining run's (its encoder beside "
+            f"{sorted(set(params) - {encoder_tree.ENCODER})}); they have no head to predict "
+            "with. Fine-tune them first (--config.pretrained=<the run's workdir>) and use the "
+            f"fine-tuned run; the encoder alone is the run's {encoder_tree.ENCODER_FILE}."
+        )
     kwargs: dict[str, Any] = {"num_classes": head_size(params)}
     head_hidden = params.get("head_hidden")
     if isinstance(head_hidden, Mapping) and "kernel" in head_hidden:  # an MLP head

@@ -330,18 +330,26 @@ class Encoder(nn.Module):
     drop_path_rate: float = 0.0
     activation: str = "gelu_tanh"
 
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, *, train: bool, keep: jax.Array | None = None) -> jax.Array:
         chunks = math.gcd(self.batch_chunks, x.shape[0])
         if chunks == 1 or self.is_mutable_collection("intermediates"):
-            return self.encode(x, train=train)  # intermediates keep the whole-batch layout
-        return jnp.concatenate([self.encode(c, train=train) for c in jnp.split(x, chunks)])
+            return self.encode(x, train=train, keep=keep)  # intermediates: whole-batch layout
+        keeps = [None] * chunks if keep is None else jnp.split(keep, chunks)
+        slices = zip(jnp.split(x, chunks), keeps, strict=True)
+        return jnp.concatenate([self.encode(c, train=train, keep=k) for c, k in slices])
 
     @nn.compact
-    def encode(self, x: jax.Array, *, train: bool) -> jax.Array:
-        """The encoder on (a slice of) the batch; every call shares the same parameters."""
+    def encode(self, x: jax.Array, *, train: bool, keep: jax.Array | None = None) -> jax.Array:
+        """The encoder on (a slice of) the batch; every call shares the same parameters.
+
+        `keep` [batch, K]: the token indices (class token included) the blocks see, gathered
+        after the position embedding, so each kept token keeps its own position (MAE).
+        """
         if self.add_position_embedding:
             x = AddPositionEmbs(name="posembed_input")(x)
             x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
+        if keep is not None:
+            x = jnp.take_along_axis(x, keep[..., None], axis=1)
 
         block_cls = Encoder1DBlock
         if self.remat_policy is not None:
@@ -433,8 +441,12 @@ class VisionTransformer(nn.Module):
         'inception' (the original's [-1, 1], what the pipelines give; the default) or
         'imagenet' (ImageNet mean/std: DeiT, MAE), mapped from [-1, 1] inside the model.
 
-    `__call__(inputs, *, train, features=None)`: `features`, [batch, F], are concatenated to
-    the pooled `pre_logits` output before the head (pooled classifiers only).
+    `__call__(inputs, *, train, features=None, patch_fn=None, keep=None)`: `features`,
+    [batch, F], are concatenated to the pooled `pre_logits` output before the head (pooled
+    classifiers only). The self-supervised objectives (`vit_jax.models_ssl`) use the other two:
+    `patch_fn` maps the patch embeddings [batch, N, D] before the class token is added
+    (masked patch prediction corrupts them), `keep` [batch, K] selects the tokens the encoder
+    blocks see (MAE's visible patches, indices into the class token + patch sequence).
     """
 
     num_classes: int | None
@@ -465,7 +477,13 @@ class VisionTransformer(nn.Module):
 
     @nn.compact
     def __call__(
-        self, inputs: jax.Array, *, train: bool, features: jax.Array | None = None
+        self,
+        inputs: jax.Array,
+        *,
+        train: bool,
+        features: jax.Array | None = None,
+        patch_fn: Callable[[jax.Array], jax.Array] | None = None,
+        keep: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
         validate_options(
             classifier=self.classifier,
@@ -505,6 +523,8 @@ class VisionTransformer(nn.Module):
         )(x)
         n, h, w, c = x.shape
         x = jnp.reshape(x, (n, h * w, c))
+        if patch_fn is not None:
+            x = patch_fn(x)
 
         if self.classifier in ("token", "token_unpooled"):
             cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
@@ -527,7 +547,7 @@ class VisionTransformer(nn.Module):
             matmul_dtype=self.matmul_dtype,
             drop_path_rate=self.drop_path_rate,
             activation=self.activation,
-        )(x, train=train)
+        )(x, train=train, keep=keep)
         self.sow("intermediates", "encoded", x)
 
         if self.distilled:

@@ -39,6 +39,7 @@ from flax import jax_utils
 
 from vit_jax import (
     checkpoint,
+    encoder_tree,
     input_pipeline,
     multihost,
     resumable,
@@ -117,6 +118,7 @@ def train_and_evaluate(
             ):
                 checkpoint.save(jax.device_get(state.params), params_file)
                 _record_input_norm(config, params_file)
+                _export_encoder(config, state.params, workdir)
             multihost.barrier("params-saved")  # a next phase reads it on every process
             return state, final
         except Exception as e:
@@ -176,6 +178,17 @@ def _record_input_norm(config: ml_collections.ConfigDict, params_file: str) -> N
     input_norm = config.model.get("input_norm", weights_info.DEFAULT_INPUT_NORM)
     if input_norm != weights_info.DEFAULT_INPUT_NORM:
         weights_info.write(params_file, input_norm=input_norm, model=config.model.model_name)
+
+
+def _export_encoder(config: ml_collections.ConfigDict, params: Any, workdir: str) -> None:
+    """A pretraining run's encoder alone, as a released-format ViT file (`encoder.npz`)."""
+    encoder, left_out = encoder_tree.encoder_params(jax.device_get(params))
+    if not left_out:
+        return
+    path = os.path.join(workdir, encoder_tree.ENCODER_FILE)
+    checkpoint.save(encoder, path)
+    _record_input_norm(config, path)
+    _LOG.info("Encoder exported to %s (without %s).", path, "; ".join(left_out))
 
 
 def make_workdir(workdir: str) -> None:
@@ -267,7 +280,7 @@ def _setup(
     )
     _LOG.info("%s%s: %s examples, %s", phase and f"{phase}: ", info.name, counts, outputs)
     task = tasks.make_task(config, info)
-    model = run_config.make_model(config, **task.head())
+    model = task.wrap_model(run_config.make_model(config, **task.head()))
     schedule = run_config.make_schedule(config)
     state = create_state(
         config, model, schedule, load_pretrained=not resuming, num_features=info.num_features

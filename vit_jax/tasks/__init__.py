@@ -14,8 +14,12 @@ from vit_jax.tasks.base import Metrics, Task
 from vit_jax.tasks.classification import Classification
 from vit_jax.tasks.distillation import Distillation
 from vit_jax.tasks.regression import Regression
+from vit_jax.tasks.self_supervised import MaskedAutoencoding, MaskedPatchPrediction
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (Classification, Regression, Distillation)}
+TASKS: dict[str, type[Task]] = {
+    t.name: t
+    for t in (Classification, Regression, Distillation, MaskedAutoencoding, MaskedPatchPrediction)
+}
 INFO_FILE = "task.json"  # beside params.npz: what `predict` needs to read the outputs
 
 __all__ = [
@@ -23,6 +27,8 @@ __all__ = [
     "TASKS",
     "Classification",
     "Distillation",
+    "MaskedAutoencoding",
+    "MaskedPatchPrediction",
     "Metrics",
     "Regression",
     "Task",

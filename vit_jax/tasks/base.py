@@ -87,6 +87,14 @@ class Task(abc.ABC):
     def head(self) -> dict[str, Any]:
         """Model constructor arguments for the head: `num_classes` (outputs), `head_bias_init`."""
 
+    def wrap_model(self, model: Any) -> Any:
+        """The model the task trains, around the run's model (`head()` applied).
+
+        The identity for tasks that train the model itself; a pretraining task wraps it as
+        its encoder (MAE's decoder, masked patch prediction's head).
+        """
+        return model
+
     def model_inputs(self, batch: Batch) -> dict[str, jax.Array]:
         """Keyword inputs of the model besides the images (e.g. per-image `features`)."""
         del batch
