@@ -139,6 +139,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.mpp.corrupt_ratio = 0.5  # share of the patches corrupted (and predicted)
     c.mpp.mask_fraction = 0.8  # of those: replaced by the [mask] embedding
     c.mpp.random_fraction = 0.1  # of those: replaced by another patch's embedding (rest kept)
+    # Few-shot linear evaluation of the pooled features during training (vit_jax.fewshot): a
+    # closed-form ridge on k labelled examples per class of train_split, accuracy on test_split.
+    c.fewshot = ml_collections.ConfigDict()
+    c.fewshot.every = 0  # every this many steps and at the end (0 = off)
+    c.fewshot.dataset = ""  # '' = the run's dataset (labels are read, also by a pretraining run)
+    c.fewshot.train_split = "train"
+    c.fewshot.test_split = "test"
+    c.fewshot.shots = (1, 5, 10, 25)  # examples per class
+    c.fewshot.seeds = 3  # draws of the examples per k, accuracies averaged
+    c.fewshot.l2_reg = 1024.0  # ridge strength (big_vision's 2**10)
     c.seed = 0  # init, dropout and data-order seed
     # Schedule of side work (in steps; 0 = only at the end).
     c.eval_every = 0  # evaluate on test_split every this many steps, and at the end

@@ -26,8 +26,20 @@ from vit_jax import checkpoint, encoder_tree, model_heads, models, models_mixer,
 Params = dict[str, Any]
 
 
+def refuse_pretraining_tree(params: Mapping[str, Any]) -> None:
+    """ValueError for a self-supervised pretraining run's params, saying what to use instead."""
+    if encoder_tree.is_pretraining_tree(params):
+        raise ValueError(
+            f"These params are a self-supervised pretraining run's (its encoder beside "
+            f"{sorted(set(params) - {encoder_tree.ENCODER})}); they have no head to predict "
+            "with. Fine-tune them first (--config.pretrained=<the run's workdir>) and use the "
+            f"fine-tuned run; the encoder alone is the run's {encoder_tree.ENCODER_FILE}."
+        )
+
+
 def head_size(params: Mapping[str, Any]) -> int:
     """Number of classes of the checkpoint's `head`; an error for a head-less checkpoint."""
+    refuse_pretraining_tree(params)
     head = params.get("head")
     if not isinstance(head, Mapping) or "kernel" not in head:
         raise checkpoint.CheckpointError(
@@ -195,14 +207,10 @@ def model_for_checkpoint(
     per-image features a regression head also reads (its `task.json` says).
     """
     params = dict(params)
-    if encoder_tree.is_pretraining_tree(params):
-        raise ValueError(
-            f"These params are a self-supervised pretraining run's (its encoder beside "
-            f"{sorted(set(params) - {encoder_tree.ENCODER})}); they have no head to predict "
-            "with. Fine-tune them first (--config.pretrained=<the run's workdir>) and use the "
-            f"fine-tuned run; the encoder alone is the run's {encoder_tree.ENCODER_FILE}."
-        )
-    kwargs: dict[str, Any] = {"num_classes": head_size(params)}
+    refuse_pretraining_tree(params)
+    kwargs: dict[str, Any] = {}
+    if "num_classes" not in overrides:  # num_classes=0: a features model for a headless tree
+        kwargs["num_classes"] = head_size(params)
     head_hidden = params.get("head_hidden")
     if isinstance(head_hidden, Mapping) and "kernel" in head_hidden:  # an MLP head
         kwargs["head_hidden_size"] = int(np.shape(head_hidden["kernel"])[-1])

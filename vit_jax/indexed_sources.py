@@ -26,6 +26,7 @@ import functools
 import logging
 import math
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -146,9 +147,26 @@ def digits_source(split: str, process_index: int, process_count: int) -> Source:
 
 @functools.cache
 def _digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's 8×8 digits (0–16) as uint8 RGB 0–255, split 80/20 stratified, seeded."""
+    """scikit-learn's 8×8 digits (0–16) as uint8 RGB 0–255, split 80/20 stratified, seeded.
+
+    A leading part of a split, as tfds writes it: 'train[:10%]' or 'train[:150]' (the split
+    is a stratified shuffle, so a leading part has about every class's share).
+    """
+    sliced = re.fullmatch(r"(\w+)\[:(\d+)(%?)\]", split)
+    if sliced:
+        images, labels = _digits_split(sliced[1])
+        count = int(sliced[2])
+        count = round(len(labels) * count / 100) if sliced[3] else count
+        if not 0 < count <= len(labels):
+            raise ValueError(
+                f"{DIGITS} split {split!r} asks for {count} of {len(labels)} examples."
+            )
+        return images[:count], labels[:count]
     if split not in FOLDER_SPLITS:
-        raise ValueError(f"{DIGITS} has splits {FOLDER_SPLITS}, got {split!r}.")
+        raise ValueError(
+            f"{DIGITS} has splits {FOLDER_SPLITS} (or a leading part: 'train[:10%]', "
+            f"'train[:150]'), got {split!r}."
+        )
     from sklearn.datasets import load_digits  # only this source needs scikit-learn
     from sklearn.model_selection import train_test_split
 

@@ -15,7 +15,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vit_jax import input_pipeline, model_heads, models, models_vit, multihost, optim, tasks
+from vit_jax import (
+    fewshot,
+    input_pipeline,
+    model_heads,
+    models,
+    models_vit,
+    multihost,
+    optim,
+    tasks,
+)
 
 OPTIM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 COMPUTE_DTYPES = OPTIM_DTYPES
@@ -65,6 +74,14 @@ def validate_config(
             f"input_workers must be ≥ 0 (0 = one per CPU core), got {config.input_workers}."
         )
     _check_patch_grid(config.model, config.image_size)
+    fewshot.check_config(config)
+    if config.fewshot.every and (config.fewshot.dataset or config.dataset).startswith(
+        input_pipeline.CSV_PREFIX
+    ):
+        raise ValueError(
+            "fewshot.every needs a class-labelled dataset; a 'csv:' one has real-valued "
+            "targets. Set --config.fewshot.dataset to one, or fewshot.every=0."
+        )
     make_optimizer(config, make_schedule(config))  # lr, warmup, steps, optimizer options
     if config.dataset.startswith(input_pipeline.CSV_PREFIX):
         with _csv_keys_named():
@@ -199,6 +216,28 @@ def eval_batches(config: ml_collections.ConfigDict, task: tasks.Task):
         eval_crop=config.eval_crop,
         **_pipeline_args(config, task),
     )
+
+
+def fewshot_evaluator(config: ml_collections.ConfigDict) -> fewshot.Evaluator | None:
+    """The run's few-shot evaluator (`config.fewshot`), or None when it is off."""
+    if not config.fewshot.every:
+        return None
+    dataset = config.fewshot.dataset or config.dataset
+
+    def batches(split: str):
+        return input_pipeline.get_eval_iterator(
+            dataset,
+            split,
+            image_size=config.image_size,
+            global_batch_size=config.batch_size,
+            local_device_count=jax.local_device_count(),
+            eval_crop=config.eval_crop,
+            targets="one_hot",
+            **_source_args(config),
+        )
+
+    features_model = make_model(config, num_classes=0)  # pooled as config.model, no head
+    return fewshot.Evaluator(config.fewshot, features_model, batches)
 
 
 def _source_args(config: ml_collections.ConfigDict) -> dict[str, Any]:

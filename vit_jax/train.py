@@ -111,7 +111,9 @@ def train_and_evaluate(
                 state = _train(config, run, checkpoints, writers)
             else:
                 _LOG.info("Already trained to step %d; evaluating only.", config.total_steps)
-            final = run.evaluate(replicate(state.params), config.total_steps)
+            final_params = replicate(state.params)
+            final = run.evaluate(final_params, config.total_steps)
+            run.fewshot(final_params, config.total_steps)
             params_file = os.path.join(workdir, PARAMS_FILE)
             if multihost.is_main_process() and (
                 run.start_step < config.total_steps or not os.path.exists(params_file)
@@ -258,6 +260,7 @@ class _Run(NamedTuple):
     start_step: int
     schedule: Any
     evaluate: Callable[[Any, int], Metrics]  # (replicated params, step) → metrics, logged
+    fewshot: Callable[[Any, int], None]  # (replicated params, step): few-shot accuracies logged
 
 
 def _setup(
@@ -315,7 +318,17 @@ def _setup(
             best.update(step, metrics, params)
         return metrics
 
-    return _Run(task, state, rng, start_step, schedule, run_eval)
+    fewshot_evaluator = run_config.fewshot_evaluator(config)
+
+    def run_fewshot(params, step: int) -> None:
+        if fewshot_evaluator is None:
+            return
+        results = fewshot_evaluator(params)
+        writers.tensorboard.write_scalars(step, {f"fewshot/{k}": v for k, v in results.items()})
+        shown = {k: v for k, v in results.items() if not k.endswith("_std")}
+        _LOG.info("step %d few-shot %s", step, run_log.fmt(shown))
+
+    return _Run(task, state, rng, start_step, schedule, run_eval, run_fewshot)
 
 
 def _train(
@@ -368,6 +381,9 @@ def _train(
                 if not last and _every(step, config.eval_every):
                     with metrics_log.paused():
                         run.evaluate(pstate.params, step)
+                if not last and _every(step, config.fewshot.every):
+                    with metrics_log.paused():
+                        run.fewshot(pstate.params, step)
     finally:
         _close_train_batches(batches)
     return jax.device_get(jax_utils.unreplicate(pstate))
