@@ -48,6 +48,34 @@ def check_preset_dataset(dataset: str, presets: Any, recipe: str) -> str:
     return key
 
 
+# Image datasets the ImageNet-1k recipes (DeiT, MAE, masked patches) count epochs on:
+# name → (train split, test split, training images). A folder or records stands for ImageNet.
+IMAGE_DATASETS: dict[str, tuple[str, str, int]] = {
+    "imagenet2012": ("train", "validation", 1_281_167),
+    "cifar10": ("train", "test", 50_000),
+    "cifar100": ("train", "test", 50_000),
+    "folder:": ("train", "test", 1_281_167),
+    "records:": ("train", "test", 1_281_167),
+}
+
+
+def parse_model_dataset(
+    arg: str, recipe: str, title: str, example_model: str, presets: Any = IMAGE_DATASETS
+) -> tuple[str, str]:
+    """A recipe's '<model>[,<dataset>]' argument → (model, dataset), ImageNet by default; a
+    dataset without a preset fails listing them (`check_preset_dataset`)."""
+    model_name, _, dataset = (part.strip() for part in arg.partition(","))
+    dataset = dataset or "imagenet2012"
+    if not model_name:
+        raise ValueError(
+            f"configs/{recipe}.py takes '<model>[,<dataset>]', e.g. "
+            f"'--config=configs/{recipe}.py:{example_model}', got {arg!r}. Datasets: "
+            f"{valid_datasets(presets)}."
+        )
+    check_preset_dataset(dataset, presets, title)
+    return model_name, dataset
+
+
 def get_config() -> ml_collections.ConfigDict:
     """Every key `train.train_and_evaluate` reads, with its default; recipes change a few fields.
 
@@ -65,6 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.image_size = 32  # train and eval resolution (pixels, square)
     c.eval_crop = "resize"  # 'resize' (the original) or 'resize_small_crop'
     c.shuffle_buffer = 50_000  # tfds shuffle buffer (the original's; others: whole epochs)
+    c.crop_min_area = 0.05  # training crops keep 5–100 % of the image (MAE's recipe: 0.2)
     c.input_workers = 0  # parallel decode-and-augment calls of training input (0: one per core)
     # A 'csv:' dataset: images named by an id column, real-valued targets (task='regression').
     c.csv = ml_collections.ConfigDict()
@@ -105,6 +134,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.adam_b2 = 0.999  # Adam/AdamW beta2
     c.optim_dtype = "float32"  # dtype of SGD momentum / Adam first moment: float32 or bfloat16
     c.weight_decay = 0.0  # decoupled weight decay, adamw only, kernels only
+    c.layer_decay = 1.0  # layer-wise lr decay: block i's lr × decay^(L − i) (MAE: 0.65; 1 = off)
     # Objective: the task decides targets, head, loss and metrics (vit_jax.tasks).
     # 'classification', 'regression', 'distillation' (DeiT), 'mae' or 'mpp' (self-supervised)
     c.task = "classification"

@@ -48,15 +48,7 @@ BASE_LR_PER_512 = 5e-4  # lr = 5e-4 · batch / 512
 EPOCHS = 300
 WARMUP_EPOCHS = 5
 MIN_LR = 1e-5
-FOLDER, RECORDS = common.PATH_PREFIXES
-# dataset: (train split, test split, training images)
-DATASETS: dict[str, tuple[str, str, int]] = {
-    "imagenet2012": ("train", "validation", 1_281_167),
-    "cifar10": ("train", "test", 50_000),
-    "cifar100": ("train", "test", 50_000),
-    FOLDER: ("train", "test", 1_281_167),
-    RECORDS: ("train", "test", 1_281_167),
-}
+DATASETS = common.IMAGE_DATASETS  # dataset: (train split, test split, training images)
 
 
 def get_config(arg: str = "DeiT-S_16,imagenet2012") -> ml_collections.ConfigDict:
@@ -93,14 +85,4 @@ def get_config(arg: str = "DeiT-S_16,imagenet2012") -> ml_collections.ConfigDict
 
 
 def _parse(arg: str) -> tuple[str, str]:
-    """'<model>[,<dataset>]' → (model, dataset); a dataset without a size fails listing them."""
-    model_name, _, dataset = (part.strip() for part in arg.partition(","))
-    dataset = dataset or "imagenet2012"
-    valid = common.valid_datasets(DATASETS)
-    if not model_name:
-        raise ValueError(
-            f"configs/deit.py takes '<model>[,<dataset>]', e.g. "
-            f"'--config=configs/deit.py:DeiT-S_16', got {arg!r}. Datasets: {valid}."
-        )
-    common.check_preset_dataset(dataset, DATASETS, "DeiT")
-    return model_name, dataset
+    return common.parse_model_dataset(arg, "deit", "DeiT", "DeiT-S_16", DATASETS)

@@ -15,8 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import default as default_config
+from tests.test_train import train_scalars
 from vit_jax import (
     checkpoint,
     checkpoint_geometry,
@@ -24,6 +26,7 @@ from vit_jax import (
     models,
     models_ssl,
     run_config,
+    run_log,
     tasks,
     train,
 )
@@ -252,7 +255,8 @@ def test_pretraining_learns_exports_its_encoder_and_fine_tunes(task, tmp_path, c
     colour accuracy on the corrupted patches 0.462, where always answering the most common
     colour (black) scores 0.383 on the digits' test patches. Floors: 0.85 and 0.42.
     """
-    config = _config(task, total_steps=150)
+    config = _config(task, total_steps=150, eval_every=75, **{"fewshot.every": 75})
+    config.fewshot.shots = (1, 5)
     workdir = tmp_path / task
     _, metrics = train.train_and_evaluate(config, str(workdir))
     assert metrics["count"] == 360
@@ -262,6 +266,21 @@ def test_pretraining_learns_exports_its_encoder_and_fine_tunes(task, tmp_path, c
         assert metrics["color_accuracy"] > 0.42, metrics
     info = json.loads((workdir / tasks.INFO_FILE).read_text())
     assert info["task"] == task and info["encoder"] == encoder_tree.ENCODER_FILE
+    pictures = sorted(p.name for p in (workdir / run_log.PICTURES_DIR).glob("*.png"))
+    if task == "mae":  # original | masked | reconstruction, one row per image, each evaluation
+        assert pictures == ["150.png", "75.png"]
+        picture = np.asarray(Image.open(workdir / run_log.PICTURES_DIR / "150.png"))
+        assert picture.shape == (4 * 16, 3 * 16, 3) and picture.dtype == np.uint8
+        original, masked, pasted = np.split(picture[:16].astype(int), 3, axis=1)
+        hidden = (masked == 127).all(axis=-1)  # masked patches are grey (0 in [-1, 1])
+        assert 0.7 < hidden.mean() < 0.8  # 12 of 16 patches (an original pixel may be 127 too)
+        assert np.abs(pasted - original)[~hidden].max() <= 1  # visible patches as they are
+        assert np.abs(pasted - original)[hidden].mean() > 1  # the rest predicted, not copied
+    else:
+        assert pictures == []
+    scalars = train_scalars(workdir)
+    fewshot_steps = sorted(scalars["fewshot/5shot"])
+    assert fewshot_steps == [75, 150] and 0.1 < scalars["fewshot/5shot"][150] <= 1.0
     full = checkpoint.load(workdir / train.PARAMS_FILE)
     encoder = checkpoint.load(workdir / encoder_tree.ENCODER_FILE)
     assert set(encoder) == {"embedding", "cls", "Transformer"}
@@ -284,3 +303,70 @@ def test_pretraining_learns_exports_its_encoder_and_fine_tunes(task, tmp_path, c
     loaded = {k: v for k, v in state.params.items() if k != "head"}
     assert all(jax.tree.leaves(jax.tree.map(np.array_equal, loaded, encoder)))
     assert set(state.params) == {"embedding", "cls", "Transformer", "head"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipes and the fine-tuning options they need.
+
+
+def test_the_recipes_are_the_papers():
+    from configs import finetune_mae, pretrain_mae, pretrain_mpp
+
+    mae = pretrain_mae.get_config("ViT-B_16")
+    run_config.validate_config(mae, 8, 8)
+    steps_per_epoch = math.ceil(1_281_167 / 4096)  # 313
+    assert (mae.task, mae.loss, mae.batch_size, mae.optimizer) == ("mae", "mse", 4096, "adamw")
+    assert (mae.adam_b1, mae.adam_b2, mae.weight_decay) == (0.9, 0.95, 0.05)
+    assert mae.base_lr == pytest.approx(1.5e-4 * 4096 / 256)
+    assert (mae.total_steps, mae.warmup_steps) == (800 * steps_per_epoch, 40 * steps_per_epoch)
+    assert mae.crop_min_area == 0.2 and mae.mae.mask_ratio == 0.75 and mae.mae.norm_pix_loss
+    assert (mae.mae.decoder_depth, mae.mae.decoder_width, mae.mae.decoder_heads) == (8, 512, 16)
+    assert mae.model.transformer.dropout_rate == 0.0
+
+    mpp = pretrain_mpp.get_config("ViT-B_16,cifar10")
+    run_config.validate_config(mpp, 8, 8)
+    assert (mpp.task, mpp.optimizer, mpp.base_lr, mpp.batch_size) == ("mpp", "adam", 2e-4, 4096)
+    assert (mpp.warmup_steps, mpp.decay_type, mpp.mpp.corrupt_ratio) == (10_000, "cosine", 0.5)
+    assert mpp.model.transformer.dropout_rate == 0.1  # B: the supervised pretraining's
+
+    tune = finetune_mae.get_config("ViT-B_16")
+    run_config.validate_config(tune, 8, 8)
+    assert tune.model.model_name == "ViT-B_16-gap-norep" and tune.model.classifier == "gap"
+    assert (tune.layer_decay, tune.drop_path_rate, tune.label_smoothing) == (0.65, 0.1, 0.1)
+    assert (tune.mixup_alpha, tune.cutmix_alpha) == (0.8, 1.0)
+    assert tune.base_lr == pytest.approx(5e-4 * 1024 / 256)
+    assert tune.total_steps == 100 * math.ceil(1_281_167 / 1024)
+    large = finetune_mae.get_config("ViT-L_16,cifar10")
+    assert (large.layer_decay, large.total_steps) == (0.75, 50 * math.ceil(50_000 / 1024))
+    with pytest.raises(ValueError, match="No MAE preset for dataset 'mnist'"):
+        pretrain_mae.get_config("ViT-B_16,mnist")
+
+
+def test_layer_decay_scales_each_block_by_its_depth():
+    from vit_jax import optim
+
+    model = models.get_model("testing", num_classes=3, transformer={"num_layers": 2})
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), train=False)["params"]
+    tx = optim.make_optimizer(
+        "sgd", lambda step: 1.0, grad_clip_norm=None, momentum=0.0, layer_decay=0.5, num_layers=2
+    )
+    ones = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(ones, tx.init(params), params)
+    scale = {k: -float(np.ravel(v)[0]) for k, v in checkpoint.flatten(updates).items()}
+    # decay^(L + 1 − id): embedding, class token, positions 0.5³; block i 0.5^(2 − i); rest 1.
+    assert scale["embedding/kernel"] == scale["cls"] == 0.125
+    assert scale["Transformer/posembed_input/pos_embedding"] == 0.125
+    assert scale["Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel"] == 0.25
+    assert scale["Transformer/encoderblock_1/LayerNorm_0/scale"] == 0.5
+    assert scale["Transformer/encoder_norm/bias"] == scale["head/kernel"] == 1.0
+    # A scanned encoder (one stacked block) gets the same per-layer factors.
+    stacked = checkpoint.scan_params(params)
+    scanned, _ = tx.update(jax.tree.map(jnp.ones_like, stacked), tx.init(stacked), stacked)
+    kernel = scanned["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"]
+    np.testing.assert_array_equal(-kernel[:, 0, 0], [0.25, 0.5])
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"layer_decay must be in \(0, 1\]"):
+            optim.make_optimizer("sgd", lambda step: 1.0, layer_decay=bad, num_layers=2)
+    config = _config("mae", crop_min_area=0.0)
+    with pytest.raises(ValueError, match=r"crop_min_area must be in \(0, 1\]"):
+        run_config.validate_config(config, 8, 8)

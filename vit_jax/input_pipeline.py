@@ -59,7 +59,7 @@ CSV_PREFIX = "csv:"
 RECORDS_PREFIX = records_source.PREFIX
 TARGET_KINDS = ("one_hot", "multi_hot", "value")
 EVAL_CROPS = ("resize", "resize_small_crop")
-_CROP_AREA = (0.05, 1.0)
+CROP_AREA = (0.05, 1.0)  # the Inception crop's share of the image (the original's)
 _CROP_ASPECT = (3 / 4, 4 / 3)
 
 Batch = dict[str, np.ndarray]
@@ -177,6 +177,7 @@ def get_train_iterator(
     download: bool = True,
     csv: CsvSpec | None = None,
     num_workers: int = 0,
+    crop_min_area: float = CROP_AREA[0],
 ) -> Iterator[Batch]:
     """Endless augmented training batches `{'image', 'label'}` shaped for `pmap`.
 
@@ -184,6 +185,7 @@ def get_train_iterator(
     columns. `start_step=k` yields exactly the batches an uninterrupted iterator yields from step
     k on. `shuffle_buffer` applies to tfds datasets only (the others are permuted whole, per
     epoch). `num_workers`: parallel decode-and-augment calls (0: one per CPU core).
+    `crop_min_area`: the smallest share of the image the random crop keeps (MAE: 0.2).
     """
     per_host, per_device = _batch_sizes(global_batch_size, local_device_count, process_count)
     if start_step < 0:
@@ -220,7 +222,7 @@ def get_train_iterator(
                 tf.random.experimental.stateless_fold_in(base_seed, position), 2
             )
         )
-        image = _inception_crop(source.decode(example["image"]), crop_seed)
+        image = _inception_crop(source.decode(example["image"]), crop_seed, crop_min_area)
         image = _resize(image, image_size)
         image = tf.image.stateless_random_flip_left_right(image, flip_seed)
         return {"image": _normalize(image), **encode(example)}
@@ -342,15 +344,15 @@ def _options(autotune: bool = True) -> tf.data.Options:
 # Preprocessing (graph-mode, stateless).
 
 
-def _inception_crop(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """Random crop of 5–100 % area and aspect 3/4–4/3; falls back to the whole image."""
+def _inception_crop(image: tf.Tensor, seed: tf.Tensor, min_area: float = CROP_AREA[0]) -> tf.Tensor:
+    """Random crop of `min_area` (5 %)–100 % area and aspect 3/4–4/3; else the whole image."""
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.shape(image),
         bounding_boxes=tf.zeros([1, 0, 4], tf.float32),
         seed=seed,
         min_object_covered=0.0,
         aspect_ratio_range=_CROP_ASPECT,
-        area_range=_CROP_AREA,
+        area_range=(min_area, CROP_AREA[1]),
         use_image_if_no_bounding_boxes=True,
     )
     return tf.slice(image, begin, size)

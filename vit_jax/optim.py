@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 DECAY_TYPES = ("cosine", "linear")
@@ -78,6 +79,46 @@ def kernel_mask(params: Any) -> Any:
     )
 
 
+def layer_ids(params: Any, num_layers: int) -> Any:
+    """Each ViT parameter's depth for layer-wise lr decay (BEiT's and MAE's numbering).
+
+    0 for what comes before the blocks (patch embedding, class and distillation tokens, the
+    position table), i + 1 for block i, num_layers + 1 for everything after (the final norm,
+    `pre_logits`, the heads). A scanned encoder's stacked `encoderblock` gets the vector
+    1 … num_layers along its leading (layer) axis.
+    """
+
+    def layer_id(path, leaf):
+        keys = [getattr(k, "key", None) for k in path]
+        if keys[0] in ("embedding", "cls", "dist_token") or "posembed_input" in keys:
+            return 0
+        for key in keys:
+            if key == "encoderblock":  # scanned: leading axis = layer
+                ids = np.arange(1, num_layers + 1)
+                return ids.reshape((num_layers,) + (1,) * (np.ndim(leaf) - 1))
+            if isinstance(key, str) and key.startswith("encoderblock_"):
+                return int(key.rsplit("_", 1)[1]) + 1
+        return num_layers + 1
+
+    return jax.tree_util.tree_map_with_path(layer_id, params)
+
+
+def scale_by_layer_decay(decay: float, num_layers: int) -> optax.GradientTransformation:
+    """Multiplies each update by decay^(num_layers + 1 − its layer id): the blocks near the
+    input learn slower (MAE fine-tunes ViT-B with 0.65). Applied after the optimizer, it scales
+    the whole update, weight decay included, as a per-layer learning rate does."""
+
+    def update(updates, state, params=None):
+        del params
+        ids = layer_ids(updates, num_layers)
+        scaled = jax.tree.map(
+            lambda u, i: u * jnp.asarray(decay ** (num_layers + 1 - i), u.dtype), updates, ids
+        )
+        return scaled, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(
     name: str,
     schedule: Schedule,
@@ -88,6 +129,8 @@ def make_optimizer(
     b1: float = 0.9,
     b2: float = 0.999,
     weight_decay: float = 0.0,
+    layer_decay: float = 1.0,
+    num_layers: int = 0,
 ) -> optax.GradientTransformation:
     """Global-norm clipping, then SGD with momentum, Adam, or AdamW with kernel-only weight decay.
 
@@ -116,6 +159,12 @@ def make_optimizer(
             weight_decay=weight_decay,
             mask=kernel_mask,
         )
+    if not 0.0 < layer_decay <= 1.0:
+        raise ValueError(f"layer_decay must be in (0, 1] (1 = off), got {layer_decay}.")
+    if layer_decay != 1.0:
+        if num_layers < 1:
+            raise ValueError("layer_decay applies to ViT encoders (it needs their depth).")
+        core = optax.chain(core, scale_by_layer_decay(layer_decay, num_layers))
     if grad_clip_norm:
         return optax.chain(optax.clip_by_global_norm(grad_clip_norm), core)
     return core

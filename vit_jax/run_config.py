@@ -69,6 +69,11 @@ def validate_config(
     for key in ("eval_every", "checkpoint_every"):
         if config[key] < 0:
             raise ValueError(f"{key} must be ≥ 0 (0 = only at the end), got {config[key]}.")
+    if not 0.0 < config.crop_min_area <= 1.0:
+        raise ValueError(
+            f"crop_min_area must be in (0, 1] (a share of the image; the original's 0.05, "
+            f"MAE's 0.2), got {config.crop_min_area}."
+        )
     if config.input_workers < 0:
         raise ValueError(
             f"input_workers must be ≥ 0 (0 = one per CPU core), got {config.input_workers}."
@@ -165,6 +170,8 @@ def make_optimizer(config: ml_collections.ConfigDict, schedule: optim.Schedule):
         b1=config.adam_b1,
         b2=config.adam_b2,
         weight_decay=config.weight_decay,
+        layer_decay=config.layer_decay,
+        num_layers=int(config.model.get("transformer", {}).get("num_layers", 0)),
     )
 
 
@@ -204,6 +211,7 @@ def train_batches(config: ml_collections.ConfigDict, task: tasks.Task, start_ste
         start_step=start_step,
         shuffle_buffer=config.shuffle_buffer,
         num_workers=config.input_workers,
+        crop_min_area=config.crop_min_area,
         **_pipeline_args(config, task),
     )
 

@@ -211,6 +211,21 @@ def check_finite(values: list[Mapping[str, float]], first_step: int) -> None:
                 )
 
 
+PICTURES_DIR = "pictures"  # <workdir>/pictures/<step>.png: the task's picture at each evaluation
+
+
+def write_picture(writers: Writers, workdir: str, step: int, picture: np.ndarray) -> str:
+    """The task's picture as `<workdir>/pictures/<step>.png` and a TensorBoard image."""
+    from PIL import Image
+
+    directory = os.path.join(workdir, PICTURES_DIR)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"{step}.png")
+    Image.fromarray(np.asarray(picture, np.uint8)).save(path)
+    writers.tensorboard.write_images(step, {"eval/picture": np.asarray(picture)[None]})
+    return path
+
+
 def fmt(metrics: Mapping[str, float]) -> str:
     """`k=v` pairs, 4 significant digits: the console's eval line."""
     return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())

@@ -22,6 +22,7 @@ process 0 (orbax coordinates the checkpoints).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from clu import periodic_actions
 from flax import jax_utils
 
@@ -51,6 +53,7 @@ from vit_jax import (
 from vit_jax.steps import TrainState, evaluate, make_eval_step, make_train_step, replicate
 from vit_jax.tasks import Metrics
 
+PICTURE_IMAGES = 4  # evaluation images in a task's picture (MAE's reconstructions)
 PHASE_PREFIX = "phase:"  # `pretrained = 'phase:<name>'` = the params.npz of an earlier phase
 PARAMS_FILE = checkpoint.PARAMS_FILE
 CHECKPOINT_DIR = resumable.CHECKPOINT_DIR
@@ -310,10 +313,20 @@ def _setup(
     eval_batches = run_config.eval_batches(config, task)
     best = resumable.BestParams(workdir, task.is_better, start_step) if config.keep_best else None
 
+    picture = jax.jit(functools.partial(task.picture, model.apply))
+    picture_images = None
+
     def run_eval(params, step: int) -> Metrics:
+        nonlocal picture_images
         metrics = evaluate(p_eval_step, params, eval_batches, task)
         writers.tensorboard.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
         _LOG.info("step %d eval %s", step, run_log.fmt(metrics))
+        if multihost.is_main_process() and type(task).picture is not tasks.Task.picture:
+            if picture_images is None:  # the first images of the first evaluation batch
+                picture_images = next(iter(eval_batches))["image"][0][:PICTURE_IMAGES]
+            one_copy = jax_utils.unreplicate(params)
+            image = np.asarray(picture(one_copy, picture_images))
+            run_log.write_picture(writers, workdir, step, image)
         if best is not None:
             best.update(step, metrics, params)
         return metrics

@@ -126,6 +126,13 @@ class Task(abc.ABC):
         The loop adds `count`; `metrics` turns the sums into the final numbers.
         """
 
+    def picture(self, apply_fn: ApplyFn, params: Any, images: jax.Array) -> jax.Array | None:
+        """An image of what the model makes of a few evaluation `images` (e.g. MAE's
+        reconstructions), [H, W, 3] uint8, written at each evaluation; None (the default)
+        for tasks with nothing to show."""
+        del apply_fn, params, images
+        return None
+
     # -- on the host ---------------------------------------------------------------------------
 
     @abc.abstractmethod

@@ -158,6 +158,24 @@ class MaskedAutoencoding(_Pretraining):
         per_patch = jnp.mean((predicted - self.pixel_targets(images)) ** 2, axis=-1)
         return jnp.sum(per_patch * mask, axis=1) / jnp.sum(mask, axis=1)
 
+    def picture(self, apply_fn: ApplyFn, params: Any, images: jax.Array) -> jax.Array:
+        """One row per image: original | masked (hidden patches grey) | reconstruction (the
+        predicted masked patches pasted among the visible ones)."""
+        predicted, mask = apply_fn({"params": params}, images, train=False)
+        patch = self.patch_size()
+        target = models_ssl.patchify(images.astype(jnp.float32), patch)
+        if self.options.norm_pix_loss:  # back to pixels with each true patch's mean and std
+            mean = target.mean(axis=-1, keepdims=True)
+            std = jnp.sqrt(target.var(axis=-1, keepdims=True) + NORM_PIX_EPS)
+            predicted = predicted * std + mean
+        grid = (images.shape[1] // patch, images.shape[2] // patch)
+        hidden = mask[..., None]
+        masked = models_ssl.unpatchify(target * (1 - hidden), patch, grid)
+        pasted = models_ssl.unpatchify(target * (1 - hidden) + predicted * hidden, patch, grid)
+        rows = jnp.concatenate([images, masked, pasted], axis=2)  # [n, H, 3W, 3]
+        rows = rows.reshape(-1, *rows.shape[2:])
+        return jnp.clip((rows + 1.0) * 127.5, 0, 255).astype(jnp.uint8)
+
     @classmethod
     def summary(cls, config: ml_collections.ConfigDict, metrics: Mapping[str, float]) -> str:
         return (
