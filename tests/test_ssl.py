@@ -27,6 +27,7 @@ from vit_jax import (
     models_ssl,
     run_config,
     run_log,
+    steps,
     tasks,
     train,
 )
@@ -247,6 +248,8 @@ def test_a_mixer_cannot_be_pretrained_with_mae():
 # ----------------------------------------------------------------------------------------------
 # End to end: pretrain, export, fine-tune.
 
+FEWSHOT_MARGIN = 0.02  # MAE's 5-shot accuracy over random-init features (measured 0.047–0.066)
+
 
 @pytest.mark.parametrize("task", ["mae", "mpp"])
 def test_pretraining_learns_exports_its_encoder_and_fine_tunes(task, tmp_path, caplog):
@@ -254,6 +257,12 @@ def test_pretraining_learns_exports_its_encoder_and_fine_tunes(task, tmp_path, c
     0.761, where predicting 0 scores 1.0 (norm-pix targets have variance 1 per patch); MPP's
     colour accuracy on the corrupted patches 0.462, where always answering the most common
     colour (black) scores 0.383 on the digits' test patches. Floors: 0.85 and 0.42.
+
+    Few-shot (5 per class, 3 draws) of the MAE encoder's features against the same encoder at
+    its random init, seeds 0/1/2: 0.344 / 0.290 / 0.316 against 0.278 / 0.243 / 0.267, a margin
+    of 0.047–0.066; asserted: ≥ 0.02. Masked patch prediction's margin after 150 steps was
+    −0.009 … +0.091, so it is not asserted here (after 2,000 steps it is clear:
+    benchmarks/RESULTS.md).
     """
     config = _config(task, total_steps=150, eval_every=75, **{"fewshot.every": 75})
     config.fewshot.shots = (1, 5)
@@ -279,8 +288,14 @@ def test_pretraining_learns_exports_its_encoder_and_fine_tunes(task, tmp_path, c
     else:
         assert pictures == []
     scalars = train_scalars(workdir)
-    fewshot_steps = sorted(scalars["fewshot/5shot"])
-    assert fewshot_steps == [75, 150] and 0.1 < scalars["fewshot/5shot"][150] <= 1.0
+    assert sorted(scalars["fewshot/5shot"]) == [75, 150]
+    if task == "mae":  # pretrained features beat random ones (the same init, before training)
+        mae = tasks.make_task(config, run_config.dataset_info(config))
+        model = mae.wrap_model(run_config.make_model(config, **mae.head()))
+        random_init = train.create_state(config, model, run_config.make_schedule(config)).params
+        evaluator = run_config.fewshot_evaluator(config)
+        chance = evaluator(steps.replicate(random_init))["5shot"]
+        assert scalars["fewshot/5shot"][150] >= chance + FEWSHOT_MARGIN, (scalars, chance)
     full = checkpoint.load(workdir / train.PARAMS_FILE)
     encoder = checkpoint.load(workdir / encoder_tree.ENCODER_FILE)
     assert set(encoder) == {"embedding", "cls", "Transformer"}

@@ -13,13 +13,17 @@ Configs (--config):
                                        ViT-B_16,/data/petfinder/train.csv; --config.csv.fold=I
   configs/deit.py:MODEL[,DATASET]      DeiT's ImageNet-1k recipe, e.g. DeiT-S_16; a -dist model
                                        distils from --config.distill.teacher_model/_checkpoint
+  configs/pretrain_mae.py:MODEL[,DATASET]  MAE self-supervised pretraining (no labels read)
+  configs/pretrain_mpp.py:MODEL[,DATASET]  the ViT paper's masked patch prediction
+  configs/finetune_mae.py:MODEL[,DATASET]  MAE's fine-tuning (gap, layer-wise lr decay)
 Overrides: --config.KEY=VALUE after --config, e.g. --config.pretrained=ViT-B_16.npz,
   --config.batch_size=256, --config.model.transformer.dropout_rate=0.1. Every key is declared,
   with its default and a one-line comment, in configs/common.py; an undeclared key is an error.
   The default job has two phases: their keys are --config.pretrain.KEY and --config.finetune.KEY.
 Outputs in --workdir: params.npz (released format), task.json (for predict), checkpoints/
   (rerun the same command to resume), train.log and TensorBoard event files; with
-  --config.keep_best=True also best_params.npz. --verbose shows framework log lines and
+  --config.keep_best=True also best_params.npz; a self-supervised run also encoder.npz (the
+  encoder alone, released format) and, for MAE, pictures/<step>.png. --verbose shows framework log lines and
   tracebacks.
 Multi-host: the same command once per host with --distributed (Cloud TPU pods, SLURM, Open MPI,
   Kubernetes are detected) or --coordinator_address=HOST:PORT --num_processes=N
