@@ -23,8 +23,8 @@ Overrides: --config.KEY=VALUE after --config, e.g. --config.pretrained=ViT-B_16.
 Outputs in --workdir: params.npz (released format), task.json (for predict), checkpoints/
   (rerun the same command to resume), train.log and TensorBoard event files; with
   --config.keep_best=True also best_params.npz; a self-supervised run also encoder.npz (the
-  encoder alone, released format) and, for MAE, pictures/<step>.png. --verbose shows framework log lines and
-  tracebacks.
+  encoder alone, released format) and, for MAE, pictures/<step>.png. --verbose shows framework
+  log lines and tracebacks.
 Multi-host: the same command once per host with --distributed (Cloud TPU pods, SLURM, Open MPI,
   Kubernetes are detected) or --coordinator_address=HOST:PORT --num_processes=N
   --process_id=I; the workdir must be a directory every process sees.
