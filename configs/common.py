@@ -6,6 +6,7 @@ arguments in `config.model`, so a run's saved config records exactly what was bu
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import ml_collections
@@ -74,6 +75,19 @@ def parse_model_dataset(
         )
     check_preset_dataset(dataset, presets, title)
     return model_name, dataset
+
+
+def image_recipe(
+    arg: str, recipe: str, title: str, example_model: str, batch_size: int
+) -> tuple[ml_collections.ConfigDict, str, int]:
+    """The start of an ImageNet-1k recipe: (config with the dataset and its splits set, the
+    model name, steps per epoch at `batch_size`) from its '<model>[,<dataset>]' argument."""
+    model_name, dataset = parse_model_dataset(arg, recipe, title, example_model)
+    train_split, test_split, train_images = IMAGE_DATASETS[preset_key(dataset)]
+    c = get_config()
+    c.dataset, c.train_split, c.test_split = dataset, train_split, test_split
+    c.batch_size = batch_size
+    return c, model_name, math.ceil(train_images / batch_size)
 
 
 def get_config() -> ml_collections.ConfigDict:

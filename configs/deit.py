@@ -36,8 +36,6 @@ distilled (RegNetY-16GF teacher) Ti 74.5, S 81.2, B 83.4. Not reproduced here (n
 
 from __future__ import annotations
 
-import math
-
 import ml_collections
 
 from configs import common
@@ -48,22 +46,16 @@ BASE_LR_PER_512 = 5e-4  # lr = 5e-4 · batch / 512
 EPOCHS = 300
 WARMUP_EPOCHS = 5
 MIN_LR = 1e-5
-DATASETS = common.IMAGE_DATASETS  # dataset: (train split, test split, training images)
 
 
 def get_config(arg: str = "DeiT-S_16,imagenet2012") -> ml_collections.ConfigDict:
-    model_name, dataset = _parse(arg)
-    train_split, test_split, train_images = DATASETS[common.preset_key(dataset)]
-    steps_per_epoch = math.ceil(train_images / BATCH_SIZE)
-    c = common.get_config()
-    c.dataset = dataset
-    c.train_split = train_split
-    c.test_split = test_split
+    c, model_name, steps_per_epoch = common.image_recipe(
+        arg, "deit", "DeiT", "DeiT-S_16", BATCH_SIZE
+    )
     c.model = common.model_config(model_name)  # unknown names fail here, listing close ones
     c.task = "distillation" if c.model.get("distilled") else "classification"
     c.image_size = IMAGE_SIZE
     c.eval_crop = "resize_small_crop"
-    c.batch_size = BATCH_SIZE
     c.optimizer = "adamw"
     c.adam_b1, c.adam_b2 = 0.9, 0.999
     c.weight_decay = 0.05
@@ -82,7 +74,3 @@ def get_config(arg: str = "DeiT-S_16,imagenet2012") -> ml_collections.ConfigDict
     c.checkpoint_every = steps_per_epoch
     c.distill.type = "hard"
     return c
-
-
-def _parse(arg: str) -> tuple[str, str]:
-    return common.parse_model_dataset(arg, "deit", "DeiT", "DeiT-S_16", DATASETS)

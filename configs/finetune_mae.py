@@ -18,8 +18,6 @@ ViT-B 83.6, L 85.9, H 86.9 (not reproduced here: no accelerator).
 
 from __future__ import annotations
 
-import math
-
 import ml_collections
 
 from configs import common
@@ -38,11 +36,9 @@ def pooled_variant(name: str) -> str:
 
 
 def get_config(arg: str = "ViT-B_16,imagenet2012") -> ml_collections.ConfigDict:
-    model_name, dataset = common.parse_model_dataset(arg, "finetune_mae", "MAE", "ViT-B_16")
-    train_split, test_split, train_images = common.IMAGE_DATASETS[common.preset_key(dataset)]
-    steps_per_epoch = math.ceil(train_images / BATCH_SIZE)
-    c = common.get_config()
-    c.dataset, c.train_split, c.test_split = dataset, train_split, test_split
+    c, model_name, steps_per_epoch = common.image_recipe(
+        arg, "finetune_mae", "MAE", "ViT-B_16", BATCH_SIZE
+    )
     c.model = common.model_config(
         pooled_variant(model_name),
         transformer={"dropout_rate": 0.0, "attention_dropout_rate": 0.0},
@@ -51,7 +47,6 @@ def get_config(arg: str = "ViT-B_16,imagenet2012") -> ml_collections.ConfigDict:
     epochs = 50 if large else 100
     c.image_size = IMAGE_SIZE
     c.eval_crop = "resize_small_crop"
-    c.batch_size = BATCH_SIZE
     c.optimizer = "adamw"
     c.adam_b1, c.adam_b2 = 0.9, 0.999
     c.weight_decay = 0.05

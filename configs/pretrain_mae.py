@@ -21,8 +21,6 @@ linear accuracy into TensorBoard).
 
 from __future__ import annotations
 
-import math
-
 import ml_collections
 
 from configs import common
@@ -35,11 +33,9 @@ WARMUP_EPOCHS = 40
 
 
 def get_config(arg: str = "ViT-B_16,imagenet2012") -> ml_collections.ConfigDict:
-    model_name, dataset = common.parse_model_dataset(arg, "pretrain_mae", "MAE", "ViT-B_16")
-    train_split, test_split, train_images = common.IMAGE_DATASETS[common.preset_key(dataset)]
-    steps_per_epoch = math.ceil(train_images / BATCH_SIZE)
-    c = common.get_config()
-    c.dataset, c.train_split, c.test_split = dataset, train_split, test_split
+    c, model_name, steps_per_epoch = common.image_recipe(
+        arg, "pretrain_mae", "MAE", "ViT-B_16", BATCH_SIZE
+    )
     c.model = common.model_config(
         model_name, transformer={"dropout_rate": 0.0, "attention_dropout_rate": 0.0}
     )
@@ -47,7 +43,6 @@ def get_config(arg: str = "ViT-B_16,imagenet2012") -> ml_collections.ConfigDict:
     c.loss = "mse"
     c.image_size = IMAGE_SIZE
     c.crop_min_area = 0.2
-    c.batch_size = BATCH_SIZE
     c.optimizer = "adamw"
     c.adam_b1, c.adam_b2 = 0.9, 0.95
     c.weight_decay = 0.05

@@ -29,10 +29,7 @@ WARMUP_STEPS = 10_000
 
 
 def get_config(arg: str = "ViT-B_16,imagenet2012") -> ml_collections.ConfigDict:
-    model_name, dataset = common.parse_model_dataset(arg, "pretrain_mpp", "MPP", "ViT-B_16")
-    train_split, test_split, _ = common.IMAGE_DATASETS[common.preset_key(dataset)]
-    c = common.get_config()
-    c.dataset, c.train_split, c.test_split = dataset, train_split, test_split
+    c, model_name, _ = common.image_recipe(arg, "pretrain_mpp", "MPP", "ViT-B_16", 4096)
     model = common.model_config(model_name)
     if "transformer" in model:
         dropout = pretrain.DROPOUT if model.hidden_size >= pretrain.DROPOUT_MIN_HIDDEN else 0.0
@@ -41,7 +38,6 @@ def get_config(arg: str = "ViT-B_16,imagenet2012") -> ml_collections.ConfigDict:
     c.task = "mpp"
     c.loss = "softmax_xent"
     c.image_size = 224
-    c.batch_size = 4096
     c.optimizer = "adam"
     c.adam_b1, c.adam_b2 = 0.9, 0.999
     c.grad_clip_norm = 1.0
