@@ -58,3 +58,31 @@ def test_zoo_parameter_counts_equal_timms(name):
     count = sum(math.prod(p.shape) for p in theirs.parameters())
     image = 384 if name.endswith("w12") else 224
     assert models_swin.param_count(models_swin.get_swin(name), image) == count
+
+
+def test_a_new_window_resamples_the_bias_tables_as_timm_does():
+    """56 px / window 7 → 96 px / window 12 (as 224/w7 → 384/w12): timm's checkpoint filter
+    resizes every table 13² → 23²; ours give the same logits."""
+    size = dict(embed_dim=16, depths=(2, 2), num_heads=(2, 4))
+    old = _randomized(
+        timm_swin.SwinTransformer(img_size=56, patch_size=4, num_classes=5, window_size=7, **size)
+    )
+    state = {k: v.detach() for k, v in old.state_dict().items()}
+    new = timm_swin.SwinTransformer(
+        img_size=96, patch_size=4, num_classes=5, window_size=12, **size
+    )
+    new.load_state_dict(timm_swin.checkpoint_filter_fn(state, new), strict=False)
+    new.eval()
+    ours = models_swin.SwinTransformer(
+        num_classes=5, window_size=12, input_norm="inception", **size
+    )
+    params = models_swin.from_timm_state({k: v.numpy() for k, v in state.items()})
+    params = models_swin.resample_for(params, ours, 96)
+    table = params["layers_0_blocks_1"]["attn"]["relative_position_bias_table"]
+    assert table.shape == (23 * 23, 2)
+    images = np.random.default_rng(2).uniform(-1, 1, (2, 96, 96, 3)).astype(np.float32)
+    got = np.asarray(ours.apply({"params": params}, images, train=False))
+    with torch.no_grad():
+        want = new(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+    assert np.abs(want).max() > 0.1
+    assert np.abs(got - want).max() <= 1e-4  # measured 6e-8

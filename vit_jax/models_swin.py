@@ -355,3 +355,64 @@ def _timm_path(key: str) -> tuple[str, ...] | None:
             return (block, "attn", "relative_position_bias_table")
         return (block, *parts[4:-1], leaf)
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Another window size: the relative position bias tables resampled as BEiT and timm do.
+
+
+def _source_offsets(src: int, dst: int) -> np.ndarray:
+    """The source table's relative offsets spread geometrically so that its half-width covers
+    the destination's: 1, 1 + q, 1 + q + q², … with q found by bisection (BEiT's scheme)."""
+    left, right = 1.01, 1.5
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        if (1.0 - q ** (src // 2)) / (1.0 - q) > dst // 2:
+            right = q
+        else:
+            left = q
+    offsets, current = [], 1.0
+    for i in range(src // 2):
+        offsets.append(current)
+        current += q ** (i + 1)
+    return np.array([-o for o in reversed(offsets)] + [0.0] + offsets)
+
+
+def resize_bias_table(table: np.ndarray, new_window: int) -> np.ndarray:
+    """A ((2M−1)², heads) table → ((2M'−1)², heads): per head, the (2M−1)² grid placed at
+    `_source_offsets` and read by linear interpolation (clamped at the edges) at the integer
+    offsets of the new window."""
+    table = np.asarray(table, np.float64)
+    src = math.isqrt(table.shape[0])
+    dst = 2 * new_window - 1
+    if src * src != table.shape[0]:
+        raise ValueError(f"A relative position table has (2M-1)² rows, got {table.shape[0]}.")
+    if src == dst:
+        return table.astype(np.float32)
+    points = _source_offsets(src, dst)
+    targets = np.arange(-(dst // 2), dst // 2 + 1, dtype=np.float64)
+    grid = table.reshape(src, src, -1)
+    rows = np.stack([[np.interp(targets, points, grid[:, c, h]) for c in range(src)]
+                     for h in range(grid.shape[-1])])  # fmt: skip
+    # rows[h, c, :] = column c interpolated along the rows; now along the columns.
+    out = np.stack([[np.interp(targets, points, rows[h, :, r]) for r in range(dst)]
+                    for h in range(grid.shape[-1])])  # fmt: skip
+    return out.transpose(1, 2, 0).reshape(dst * dst, -1).astype(np.float32)
+
+
+def resample_for(params: dict[str, Any], model: SwinTransformer, image_size: int) -> dict[str, Any]:
+    """`params` for `model` at `image_size`: each relative position table whose window differs
+    from the one `model` uses there is resized (`resize_bias_table`); the rest is unchanged."""
+    expected = jax.eval_shape(
+        lambda: model.init(
+            jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3)), train=False
+        )
+    )["params"]
+
+    def fit(path, leaf, want):
+        name = getattr(path[-1], "key", None)
+        if name == "relative_position_bias_table" and np.shape(leaf) != want.shape:
+            return resize_bias_table(leaf, (math.isqrt(want.shape[0]) + 1) // 2)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(fit, params, expected)
