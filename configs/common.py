@@ -188,8 +188,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.fewshot = ml_collections.ConfigDict()
     c.fewshot.every = 0  # every this many steps and at the end (0 = off)
     c.fewshot.dataset = ""  # '' = the run's dataset (labels are read, also by a pretraining run)
-    c.fewshot.train_split = "train"
-    c.fewshot.test_split = "test"
+    c.fewshot.train_split = ""  # '' = the run's train_split (e.g. 'train[:50000]' to read less)
+    c.fewshot.test_split = ""  # '' = the run's test_split
     c.fewshot.shots = (1, 5, 10, 25)  # examples per class
     c.fewshot.seeds = 3  # draws of the examples per k, accuracies averaged
     c.fewshot.l2_reg = 1024.0  # ridge strength (big_vision's 2**10)

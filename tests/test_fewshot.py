@@ -83,3 +83,27 @@ def test_command_line_counts_every_test_image_and_prints_each_k(tmp_path, capsys
     assert "--shots must be comma-separated integers" in capsys.readouterr().err
     assert fewshot.main([*base, "--shots", "200"]) == 2
     assert "needs 200 training examples of every class" in capsys.readouterr().err
+
+
+def test_the_evaluator_reads_the_runs_splits_and_skips_a_split_too_small(caplog):
+    import jax
+    import jax.numpy as jnp
+
+    from tests.test_ssl import _config
+    from vit_jax import run_config, steps
+
+    config = _config("classification", loss="softmax_xent", train_split="train[:100]")
+    config.fewshot.update(every=10, shots=(1, 25))
+    evaluator = run_config.fewshot_evaluator(config)
+    assert evaluator.train_batches.num_examples == 100  # the run's train_split
+    assert evaluator.test_batches.num_examples == DIGITS_TEST  # the run's test_split
+    model = run_config.make_model(config, num_classes=0)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), train=False)
+    with caplog.at_level("WARNING"):
+        assert evaluator(steps.replicate(params["params"])) == {}
+    assert "Few-shot evaluation skipped: Few-shot evaluation needs 25 training examples" in (
+        caplog.text
+    )
+    config.fewshot.dataset = "sklearn_digits"
+    with pytest.raises(ValueError, match=r"needs fewshot\.train_split and fewshot\.test_split"):
+        run_config.fewshot_evaluator(config)

@@ -195,7 +195,7 @@ def test_mae_loss_counts_the_masked_patches_only():
     # norm_pix_loss: each target patch has mean 0 and variance 1 (up to eps).
     normed = self_supervised.MaskedAutoencoding(_config("mae"), _Info()).pixel_targets(images)
     np.testing.assert_allclose(normed.mean(-1), 0, atol=1e-5)
-    np.testing.assert_allclose(normed.var(-1), 1, atol=1e-3)
+    np.testing.assert_allclose(normed.var(-1, ddof=1), 1, atol=1e-3)  # unbiased, as MAE
 
 
 def test_mpp_predicts_every_corrupted_patch_from_its_token():
@@ -230,6 +230,7 @@ def test_mpp_predicts_every_corrupted_patch_from_its_token():
         ("mpp", {"mpp.corrupt_ratio": 1.5}, r"mpp.corrupt_ratio must be in \(0, 1\)"),
         ("mpp", {"mpp.mask_fraction": 0.95}, "must be ≤ 1"),
         ("mpp", {"model.classifier": "gap"}, "needs a ViT with a class token"),
+        ("mae", {"model.representation_size": 32}, "would put a tanh layer on each"),
     ],
 )
 def test_pretraining_options_are_checked_before_any_work(task, updates, message):
@@ -248,7 +249,7 @@ def test_a_mixer_cannot_be_pretrained_with_mae():
 # ----------------------------------------------------------------------------------------------
 # End to end: pretrain, export, fine-tune.
 
-FEWSHOT_MARGIN = 0.02  # MAE's 5-shot accuracy over random-init features (measured 0.047–0.066)
+FEWSHOT_MARGIN = 0.04  # MAE's 5-shot accuracy over random-init features (measured 0.047–0.066)
 
 
 @pytest.mark.parametrize("task", ["mae", "mpp"])
@@ -260,7 +261,7 @@ def test_pretraining_learns_exports_its_encoder_and_fine_tunes(task, tmp_path, c
 
     Few-shot (5 per class, 3 draws) of the MAE encoder's features against the same encoder at
     its random init, seeds 0/1/2: 0.344 / 0.290 / 0.316 against 0.278 / 0.243 / 0.267, a margin
-    of 0.047–0.066; asserted: ≥ 0.02. Masked patch prediction's margin after 150 steps was
+    of 0.047–0.066; asserted: ≥ 0.04. Masked patch prediction's margin after 150 steps was
     −0.009 … +0.091, so it is not asserted here (after 2,000 steps it is clear:
     benchmarks/RESULTS.md).
     """
@@ -318,6 +319,14 @@ def test_pretraining_learns_exports_its_encoder_and_fine_tunes(task, tmp_path, c
     loaded = {k: v for k, v in state.params.items() if k != "head"}
     assert all(jax.tree.leaves(jax.tree.map(np.array_equal, loaded, encoder)))
     assert set(state.params) == {"embedding", "cls", "Transformer", "head"}
+    # encoder.npz alone is a plain released ViT file: the same params, nothing to drop.
+    finetune.pretrained = str(workdir / encoder_tree.ENCODER_FILE)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="root"):
+        again = train.create_state(finetune, classifier, run_config.make_schedule(finetune))
+    assert not [r for r in caplog.records if "self-supervised" in r.getMessage()]
+    loaded = {k: v for k, v in again.params.items() if k != "head"}
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, loaded, encoder)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,6 +383,12 @@ def test_layer_decay_scales_each_block_by_its_depth():
     assert scale["Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel"] == 0.25
     assert scale["Transformer/encoderblock_1/LayerNorm_0/scale"] == 0.5
     assert scale["Transformer/encoder_norm/bias"] == scale["head/kernel"] == 1.0
+    # A pretraining tree's ViT, under `encoder`, is numbered as the ViT itself.
+    wrapped = {"encoder": params, "decoder": {"kernel": jnp.ones((2, 2))}}
+    ids = optim.layer_ids(wrapped, 2)
+    assert ids["encoder"]["embedding"]["kernel"] == 0 and ids["encoder"]["cls"] == 0
+    assert ids["encoder"]["Transformer"]["encoderblock_1"]["LayerNorm_0"]["scale"] == 2
+    assert ids["decoder"]["kernel"] == 3
     # A scanned encoder (one stacked block) gets the same per-layer factors.
     stacked = checkpoint.scan_params(params)
     scanned, _ = tx.update(jax.tree.map(jnp.ones_like, stacked), tx.init(stacked), stacked)

@@ -531,6 +531,11 @@ def _adapt_for_pretraining(
             params[key] = restored[key]
         else:
             logging.info("load_pretrained: %s fresh init (not in the file with these shapes)", key)
+    dropped = sorted(set(restored) - set(init_params) - {encoder_tree.ENCODER})
+    if encoder_tree.is_pretraining_tree(restored) and dropped:
+        logging.warning(
+            "load_pretrained: the file's %s are not parts of this objective: dropped", dropped
+        )
     return params
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -146,12 +147,18 @@ class Evaluator:
         self.test_batches = batches(options.test_split)
 
     def __call__(self, replicated_params: Any) -> dict[str, float]:
+        """The accuracies; {} (with one warning) when a class has fewer examples than the
+        largest k: a side evaluation does not stop the training run."""
         params = features_model_params(replicated_params)
         *train, num_classes = split_features(self.features_fn, params, self.train_batches)
         *test, _ = split_features(self.features_fn, params, self.test_batches)
-        return fewshot_accuracies(
-            tuple(train), tuple(test), num_classes, self.shots, self.seeds, self.l2_reg
-        )
+        try:
+            return fewshot_accuracies(
+                tuple(train), tuple(test), num_classes, self.shots, self.seeds, self.l2_reg
+            )
+        except ValueError as e:
+            logging.getLogger(__name__).warning("Few-shot evaluation skipped: %s", e)
+            return {}
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -237,6 +244,11 @@ def _run(args: argparse.Namespace) -> dict[str, float]:
 
     shots = _parse_shots(args.shots)
     overrides = json.loads(args.overrides)
+    if not isinstance(overrides, dict) or "num_classes" in overrides:
+        raise ValueError(
+            f"--overrides must be a JSON object of model fields without num_classes (the "
+            f"features model has no head), got {args.overrides!r}."
+        )
     params = checkpoint.load(checkpoint.resolve_params_file(args.checkpoint))
     params = features_model_params(params)
     model, params, image_size = checkpoint_geometry.model_for_checkpoint(

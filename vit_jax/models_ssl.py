@@ -135,9 +135,11 @@ def color_targets(images: jax.Array, patch: int, cells: int = 1) -> jax.Array:
 
 
 def sincos_2d(grid: tuple[int, int], width: int, class_token: bool = True) -> np.ndarray:
-    """MAE's fixed 2-D sin-cos position table [1, (1 +) rows·cols, width].
+    """A fixed 2-D sin-cos position table [1, (1 +) rows·cols, width], as MAE's decoder uses.
 
-    Half the channels encode the row, half the column; each half is sin | cos of the
+    The first half of the channels encodes the row, the second the column (MAE's code puts the
+    column first; the table is fixed and the decoder learns from scratch, so only the
+    convention differs); each half is sin | cos of the
     coordinate times ω_k = 1 / 10000^(k / (width/4)), k < width/4. The class token's row is 0.
     """
     if width % 4:

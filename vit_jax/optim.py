@@ -82,15 +82,21 @@ def kernel_mask(params: Any) -> Any:
 def layer_ids(params: Any, num_layers: int) -> Any:
     """Each ViT parameter's depth for layer-wise lr decay (BEiT's and MAE's numbering).
 
-    0 for what comes before the blocks (patch embedding, class and distillation tokens, the
-    position table), i + 1 for block i, num_layers + 1 for everything after (the final norm,
-    `pre_logits`, the heads). A scanned encoder's stacked `encoderblock` gets the vector
-    1 … num_layers along its leading (layer) axis.
+    0 for what comes before the blocks (a hybrid's ResNet stem, patch embedding, class and
+    distillation tokens, the position table), i + 1 for block i, num_layers + 1 for everything
+    after (the final norm, `pre_logits`, the heads). A scanned encoder's stacked
+    `encoderblock` gets the vector 1 … num_layers along its leading (layer) axis; a
+    pretraining tree's ViT under `encoder` is numbered as the ViT itself.
     """
 
     def layer_id(path, leaf):
         keys = [getattr(k, "key", None) for k in path]
-        if keys[0] in ("embedding", "cls", "dist_token") or "posembed_input" in keys:
+        if keys[0] == "encoder" and len(keys) > 1:  # a pretraining tree: the ViT under it
+            keys = keys[1:]
+        before_blocks = ("embedding", "cls", "dist_token", "conv_root", "gn_root")
+        if keys[0] in before_blocks or str(keys[0]).startswith("block"):  # block*: hybrid stem
+            return 0
+        if "posembed_input" in keys:
             return 0
         for key in keys:
             if key == "encoderblock":  # scanned: leading axis = layer

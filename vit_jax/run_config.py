@@ -245,7 +245,16 @@ def fewshot_evaluator(config: ml_collections.ConfigDict) -> fewshot.Evaluator | 
         )
 
     features_model = make_model(config, num_classes=0)  # pooled as config.model, no head
-    return fewshot.Evaluator(config.fewshot, features_model, batches)
+    options = config.fewshot.copy_and_resolve_references()
+    if not config.fewshot.dataset:  # the run's dataset: its splits unless others are named
+        options.train_split = options.train_split or config.train_split
+        options.test_split = options.test_split or config.test_split
+    elif not (options.train_split and options.test_split):
+        raise ValueError(
+            f"fewshot.dataset={config.fewshot.dataset!r} needs fewshot.train_split and "
+            "fewshot.test_split (e.g. 'train' and 'test')."
+        )
+    return fewshot.Evaluator(options, features_model, batches)
 
 
 def _source_args(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -52,6 +52,12 @@ class _Pretraining(Task):
                 f"task={cls.name!r} pretrains a plain ViT encoder; {model.model_name} is not "
                 "one (Mixer and hybrid models are not supported). Pick a ViT, e.g. ViT-B_16."
             )
+        if model.get("representation_size"):
+            raise ValueError(
+                f"task={cls.name!r} reads every token of the encoder; representation_size="
+                f"{model.representation_size} would put a tanh layer on each. Set "
+                "--config.model.representation_size=None."
+            )
         if model.get("classifier", "token") != "token":
             raise ValueError(
                 f"task={cls.name!r} needs a ViT with a class token (classifier='token'), got "
@@ -147,7 +153,7 @@ class MaskedAutoencoding(_Pretraining):
         target = models_ssl.patchify(images.astype(jnp.float32), self.patch_size())
         if self.options.norm_pix_loss:
             mean = target.mean(axis=-1, keepdims=True)
-            var = target.var(axis=-1, keepdims=True)
+            var = target.var(axis=-1, keepdims=True, ddof=1)  # unbiased, as MAE (torch.var)
             target = (target - mean) / jnp.sqrt(var + NORM_PIX_EPS)
         return target
 
@@ -166,7 +172,7 @@ class MaskedAutoencoding(_Pretraining):
         target = models_ssl.patchify(images.astype(jnp.float32), patch)
         if self.options.norm_pix_loss:  # back to pixels with each true patch's mean and std
             mean = target.mean(axis=-1, keepdims=True)
-            std = jnp.sqrt(target.var(axis=-1, keepdims=True) + NORM_PIX_EPS)
+            std = jnp.sqrt(target.var(axis=-1, keepdims=True, ddof=1) + NORM_PIX_EPS)
             predicted = predicted * std + mean
         grid = (images.shape[1] // patch, images.shape[2] // patch)
         hidden = mask[..., None]
