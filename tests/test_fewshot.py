@@ -106,4 +106,4 @@ def test_the_evaluator_reads_the_runs_splits_and_skips_a_split_too_small(caplog)
     )
     config.fewshot.dataset = "sklearn_digits"
     with pytest.raises(ValueError, match=r"needs fewshot\.train_split and fewshot\.test_split"):
-        run_config.fewshot_evaluator(config)
+        run_config.validate_config(config, 8, 8)  # before any work

@@ -173,6 +173,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
     if options.seeds < 1:
         raise ValueError(f"fewshot.seeds must be ≥ 1, got {options.seeds}.")
+    if options.dataset and not (options.train_split and options.test_split):
+        raise ValueError(
+            f"fewshot.dataset={options.dataset!r} needs fewshot.train_split and "
+            "fewshot.test_split (e.g. 'train' and 'test'); without a dataset they default to "
+            "the run's splits."
+        )
     if not options.l2_reg > 0:
         raise ValueError(f"fewshot.l2_reg must be > 0, got {options.l2_reg}.")
 

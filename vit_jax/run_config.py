@@ -249,11 +249,6 @@ def fewshot_evaluator(config: ml_collections.ConfigDict) -> fewshot.Evaluator | 
     if not config.fewshot.dataset:  # the run's dataset: its splits unless others are named
         options.train_split = options.train_split or config.train_split
         options.test_split = options.test_split or config.test_split
-    elif not (options.train_split and options.test_split):
-        raise ValueError(
-            f"fewshot.dataset={config.fewshot.dataset!r} needs fewshot.train_split and "
-            "fewshot.test_split (e.g. 'train' and 'test')."
-        )
     return fewshot.Evaluator(options, features_model, batches)
 
 
