@@ -25,10 +25,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax
 
 from configs import common
-from vit_jax import checkpoint, fewshot, run_config, steps, train
+from vit_jax import checkpoint, run_config, steps, train
 
 IMAGE_SIZE = 16
 ENCODER = {
@@ -64,24 +63,8 @@ def pretrain_config(task: str, steps_: int, seed: int):
 
 def fewshot_of(config, params) -> dict[str, float]:
     """Few-shot accuracies of `params`' pooled features (shots from the train split)."""
-    options = common.get_config().fewshot
-    options.update(shots=SHOTS, seeds=5)
-    model = run_config.make_model(config, num_classes=0)
-    evaluator = fewshot.Evaluator(options, model, lambda split: _batches(config, split))
-    return evaluator(steps.replicate(params))
-
-
-def _batches(config, split):
-    from vit_jax import input_pipeline
-
-    return input_pipeline.get_eval_iterator(
-        config.dataset,
-        split,
-        image_size=IMAGE_SIZE,
-        global_batch_size=128,
-        local_device_count=jax.local_device_count(),
-        targets="one_hot",
-    )
+    config.fewshot.update(every=1, shots=SHOTS, seeds=5)
+    return run_config.fewshot_evaluator(config)(steps.replicate(params))
 
 
 def main(argv=None) -> None:

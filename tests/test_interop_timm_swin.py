@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests._torchvision_shim import require_timm
-from vit_jax import models_swin
+from vit_jax import demo, models_swin
 
 torch, timm = require_timm()
 from timm.models import swin_transformer as timm_swin  # noqa: E402
@@ -57,7 +57,7 @@ def test_zoo_parameter_counts_equal_timms(name):
     theirs = timm.create_model(timm_name, pretrained=False, device="meta")
     count = sum(math.prod(p.shape) for p in theirs.parameters())
     image = 384 if name.endswith("w12") else 224
-    assert models_swin.param_count(models_swin.get_swin(name), image) == count
+    assert demo.count_parameters(models_swin.get_swin(name), image) == count
 
 
 def test_a_new_window_resamples_the_bias_tables_as_timm_does():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,11 @@ from vit_jax import checkpoint, models
 
 def parameter_count(name: str, num_classes: int = 1000, image_size: int = 224) -> int:
     """Exact parameter count of a zoo model, computed without allocating it."""
-    model = models.get_model(name, num_classes=num_classes)
+    return count_parameters(models.get_model(name, num_classes=num_classes), image_size)
+
+
+def count_parameters(model: Any, image_size: int = 224) -> int:
+    """Exact parameter count of any of the package's models, computed without allocating it."""
     x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), x)
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes["params"]))

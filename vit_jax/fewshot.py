@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -199,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         "training workdir.",
     )
     parser.add_argument("--model", required=True, help="Zoo model name of the encoder.")
-    parser.add_argument("--overrides", default="{}", help="Model overrides as JSON.")
+    parser.add_argument("--overrides", type=_overrides, default={}, help="Model overrides as JSON.")
     parser.add_argument("--dataset", default="sklearn_digits", help="As config.dataset.")
     parser.add_argument("--train_split", default="train")
     parser.add_argument("--test_split", default="test")
@@ -235,6 +234,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _overrides(text: str) -> dict[str, Any]:
+    """argparse type of --overrides: predict's JSON object, without num_classes."""
+    from vit_jax import predict
+
+    overrides = predict.parse_overrides(text)
+    if "num_classes" in overrides:
+        raise argparse.ArgumentTypeError("no num_classes: the features model has no head")
+    return overrides
+
+
 def _parse_shots(text: str) -> tuple[int, ...]:
     try:
         shots = tuple(int(k) for k in text.split(",") if k.strip())
@@ -246,15 +255,10 @@ def _parse_shots(text: str) -> tuple[int, ...]:
 
 
 def _run(args: argparse.Namespace) -> dict[str, float]:
-    from vit_jax import input_pipeline  # TensorFlow: after the flags are parsed
+    from vit_jax import input_pipeline, steps  # TensorFlow: after the flags are parsed
 
     shots = _parse_shots(args.shots)
-    overrides = json.loads(args.overrides)
-    if not isinstance(overrides, dict) or "num_classes" in overrides:
-        raise ValueError(
-            f"--overrides must be a JSON object of model fields without num_classes (the "
-            f"features model has no head), got {args.overrides!r}."
-        )
+    overrides = args.overrides
     params = checkpoint.load(checkpoint.resolve_params_file(args.checkpoint))
     params = features_model_params(params)
     model, params, image_size = checkpoint_geometry.model_for_checkpoint(
@@ -276,7 +280,7 @@ def _run(args: argparse.Namespace) -> dict[str, float]:
         )
 
     features_fn = jax.pmap(lambda p, x: model.apply({"params": p}, x, train=False))
-    replicated = jax.tree.map(lambda a: jnp.broadcast_to(a, (devices, *np.shape(a))), params)
+    replicated = steps.replicate(params)
     *train, num_classes = split_features(features_fn, replicated, batches(args.train_split))
     *test, _ = split_features(features_fn, replicated, batches(args.test_split))
     return fewshot_accuracies(

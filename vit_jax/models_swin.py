@@ -293,15 +293,6 @@ def get_swin(name: str, num_classes: int | None = 1000, **overrides: Any) -> Swi
     )
 
 
-def param_count(model: SwinTransformer, image_size: int) -> int:
-    shapes = jax.eval_shape(
-        lambda: model.init(
-            jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3)), train=False
-        )
-    )
-    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["params"])))
-
-
 def from_timm_state(state: dict[str, np.ndarray]) -> dict[str, Any]:
     """A timm `swin_*` state dict (NumPy arrays) → this model's parameter tree.
 
