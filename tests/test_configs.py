@@ -49,7 +49,9 @@ def test_model_config_rejects_unknown_names_and_keys():
 POOLED = [
     n
     for n, c in models.MODEL_CONFIGS.items()
-    if c.get("classifier", "gap") in POOLING and not c.get("distilled")
+    if c.get("classifier", "gap") in POOLING
+    and not c.get("distilled")
+    and models.family(n) in ("vit", "mixer")  # the recipes' presets are for these families
 ]
 FINETUNE_DATASETS = [
     *(d for d in finetune.PRESETS if d not in common.PATH_PREFIXES),

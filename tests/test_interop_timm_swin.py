@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests._torchvision_shim import require_timm
-from vit_jax import demo, models_swin
+from vit_jax import demo, models_swin, timm_weights
 
 torch, timm = require_timm()
 from timm.models import swin_transformer as timm_swin  # noqa: E402
@@ -37,7 +37,9 @@ def test_converted_random_weights_give_timms_logits(image, window):
         timm_swin.SwinTransformer(img_size=image, patch_size=4, num_classes=5, **size)
     )
     state = {k: v.detach().numpy() for k, v in theirs.state_dict().items()}
-    params = models_swin.from_timm_state(state)
+    params = timm_weights.convert(
+        state, "testing-swin", image_size=image, patch_size=4, input_norm="inception", **size
+    )
     ours = models_swin.SwinTransformer(num_classes=5, input_norm="inception", **size)
     expected = jax.eval_shape(
         lambda: ours.init(jax.random.PRNGKey(0), jnp.zeros((1, image, image, 3)), train=False)
@@ -76,7 +78,10 @@ def test_a_new_window_resamples_the_bias_tables_as_timm_does():
     ours = models_swin.SwinTransformer(
         num_classes=5, window_size=12, input_norm="inception", **size
     )
-    params = models_swin.from_timm_state({k: v.numpy() for k, v in state.items()})
+    params = timm_weights.convert(
+        {k: v.numpy() for k, v in state.items()}, "testing-swin", image_size=56, patch_size=4,
+        window_size=7, **size,
+    )  # fmt: skip
     params = models_swin.resample_for(params, ours, 96)
     table = params["layers_0_blocks_1"]["attn"]["relative_position_bias_table"]
     assert table.shape == (23 * 23, 2)

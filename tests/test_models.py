@@ -198,6 +198,18 @@ EXPECTED_PARAM_COUNTS = {
     "DeiT-Ti_16-dist": 5_910_800,
     "DeiT-S_16-dist": 22_436_432,
     "DeiT-B_16-dist": 87_338_192,
+    # Swin and BEiT: timm's swin_*_patch4_window{7_224,12_384} (at 384 px for window 12) and
+    # beit_{base,large}_patch16_224 (timm 1.0.31, `sum(p.numel())`); the tiny ones ours.
+    "testing-swin": 58_988,
+    "Swin-T_4_w7": 28_288_354,
+    "Swin-S_4_w7": 49_606_258,
+    "Swin-B_4_w7": 87_768_224,
+    "Swin-B_4_w12": 87_903_584,
+    "Swin-L_4_w7": 196_532_476,
+    "Swin-L_4_w12": 196_735_516,
+    "testing-beit": 150_872,
+    "BEiT-B_16": 86_530_984,
+    "BEiT-L_16": 304_430_568,
 }
 
 
@@ -208,7 +220,8 @@ def test_zoo_has_exactly_the_reference_models():
 @pytest.mark.parametrize("name", sorted(EXPECTED_PARAM_COUNTS))
 def test_zoo_param_count(name):
     model = models.get_model(name, num_classes=1000)
-    params, out = abstract_init(model, (1, 224, 224, 3))
+    size = models.default_image_size(name)
+    params, out = abstract_init(model, (1, size, size, 3))
     assert param_count(params) == EXPECTED_PARAM_COUNTS[name]
     if name == "testing-unpooled":
         assert out.shape == (1, 14 * 14, 1000)

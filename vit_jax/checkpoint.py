@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from vit_jax import encoder_tree
+from vit_jax import encoder_tree, relative_positions
 from vit_jax.position_tables import (  # noqa: F401 (re-exported: position-table resampling)
     CheckpointError,
     interpolate_posembed,
@@ -401,17 +401,18 @@ def load_pretrained(
 
     Changes made on purpose (each logged): `head` and `head_hidden` (the optional hidden layer
     before it) come from `init_params` (new class count, fresh init), whether or not the file
-    has them, and are dropped when the new model has none; `pre_logits` is dropped when the
-    new model has no representation layer, or taken from `init_params` when only the new model
-    has one; the class token follows the new model; the position table is resampled to the
-    new length (see `interpolate_posembed`). A distilled checkpoint (DeiT's `dist_token`) into
-    a model without one loses `dist_token`, its position row and `head_dist`; a checkpoint
-    without one into a distilled model gets a fresh `dist_token` and `head_dist` from
-    `init_params` and a zero position row for it. Both are legitimate fine-tuning starts, and
-    both are logged as warnings naming what was dropped or initialised. Anything else that
-    differs (missing, extra or mis-shaped keys) fails with one error listing all of it. The
-    pretrained file may be in either numbering and either encoder layout; the result has the
-    layout of `init_params`.
+    has them, and are dropped when the new model has none; `pre_logits` is dropped when the new
+    model has no representation layer, or taken from `init_params` when only the new model has
+    one; the class token follows the new model; the position table is resampled to the new
+    length (see `interpolate_posembed`); Swin's and BEiT's relative position bias tables are
+    resampled to the new window or grid (`relative_positions.resize_bias_table`). A distilled
+    checkpoint (DeiT's `dist_token`) into a model without one loses `dist_token`, its position
+    row and `head_dist`; a checkpoint without one into a distilled model gets a fresh
+    `dist_token` and `head_dist` from `init_params` and a zero position row for it. Both are
+    legitimate fine-tuning starts, and both are logged as warnings naming what was dropped or
+    initialised. Anything else that differs (missing, extra or mis-shaped keys) fails with one
+    error listing all of it. The pretrained file may be in either numbering and either encoder
+    layout; the result has the layout of `init_params`.
     `model_config` is accepted for compatibility with the original signature and used only in
     messages; the new model's structure is read from `init_params`.
     """
@@ -499,6 +500,14 @@ def adapt_for_finetuning(
         )
         params["Transformer"]["posembed_input"]["pos_embedding"] = resampled
 
+    params, resized = relative_positions.resize_relative_tables(params, expected)
+    if resized:
+        logging.info(
+            "load_pretrained: %d relative position tables resampled (Swin / BEiT, a new "
+            "window or grid), e.g. %s",
+            len(resized),
+            resized[0],
+        )
     check_mixer_tokens(params, expected)
     params = inspect_params(params=params, expected=expected)
     return scan_params(params) if target_scanned else params

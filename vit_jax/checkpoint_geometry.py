@@ -21,9 +21,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import checkpoint, encoder_tree, model_heads, models, models_mixer, models_vit
+from vit_jax import (
+    checkpoint,
+    encoder_tree,
+    model_heads,
+    models,
+    models_beit,
+    models_mixer,
+    models_swin,
+    models_vit,
+    relative_positions,
+)
 
 Params = dict[str, Any]
+# The resolution a Swin or BEiT checkpoint is used at when none is given (their tables record
+# a window or grid, not a position table).
+RELATIVE_FAMILIES = {
+    models.SwinTransformer: models_swin.checkpoint_image_size,
+    models.Beit: models_beit.checkpoint_image_size,
+}
 
 
 def refuse_pretraining_tree(params: Mapping[str, Any]) -> None:
@@ -195,8 +211,9 @@ def model_for_checkpoint(
     `num_classes` comes from the checkpoint's head and, for a ViT, `representation_size` from
     its `pre_logits` (released ImageNet-21k files have one, fine-tuned ones do not) and
     `distilled` from its `dist_token`, unless given in `overrides`. The resolution is the
-    checkpoint's (`infer_image_size`) unless `image_size` is given, in
-    which case the position table is resampled to the new grid as fine-tuning does. Anything
+    checkpoint's (`infer_image_size`; Swin and BEiT: `RELATIVE_FAMILIES`) unless `image_size`
+    is given, in which case the position table (Swin, BEiT: the relative position tables) is
+    resampled to the new grid as fine-tuning does. Anything
     else that differs from the model fails with one error listing every missing, extra and
     mis-shaped parameter.
 
@@ -230,8 +247,11 @@ def model_for_checkpoint(
             f"token; prediction needs one of {', '.join(model_heads.POOLED_CLASSIFIERS)}."
         )
     is_vit = isinstance(model, models_vit.VisionTransformer)
+    relative = isinstance(model, models.SwinTransformer | models.Beit)
     old_grid = None  # a Mixer at a given image_size needs none: its shapes must match as they are
-    if is_vit or image_size is None:
+    if relative and image_size is None:
+        image_size = RELATIVE_FAMILIES[type(model)](params, model)
+    if (is_vit or image_size is None) and not relative:
         old_grid = checkpoint_grid(
             params, model, checkpoint_grid_shape, image_size_given=image_size is not None
         )
@@ -256,6 +276,8 @@ def model_for_checkpoint(
         new_grid = (size // (patch_h * stride), size // (patch_w * stride))
         if new_grid != old_grid:
             params = resample_position_table(params, shapes, old_grid, new_grid)
+    if relative:  # relative position tables for the window / grid at this size
+        params, _ = relative_positions.resize_relative_tables(params, shapes)
     try:
         params = checkpoint.inspect_params(params=params, expected=shapes)
     except checkpoint.CheckpointError as e:

@@ -20,9 +20,11 @@ import numpy as np
 from vit_jax import checkpoint, models
 
 
-def parameter_count(name: str, num_classes: int = 1000, image_size: int = 224) -> int:
-    """Exact parameter count of a zoo model, computed without allocating it."""
-    return count_parameters(models.get_model(name, num_classes=num_classes), image_size)
+def parameter_count(name: str, num_classes: int = 1000, image_size: int | None = None) -> int:
+    """Exact parameter count of a zoo model, computed without allocating it (at the model's
+    `models.default_image_size` unless `image_size` is given)."""
+    size = image_size or models.default_image_size(name)
+    return count_parameters(models.get_model(name, num_classes=num_classes), size)
 
 
 def count_parameters(model: Any, image_size: int = 224) -> int:
@@ -35,9 +37,9 @@ def count_parameters(model: Any, image_size: int = 224) -> int:
 def run(workdir: str) -> dict[str, float]:
     """Runs the tour; returns the figures it printed (for tests)."""
     os.makedirs(workdir, exist_ok=True)
-    print(f"{'model':24s} {'params (1000 classes, 224 px)':>30s}")
+    print(f"{'model':24s} {'params (1000 classes, 224 px; 384 for w12)':>44s}")
     for name in models.MODEL_CONFIGS:
-        print(f"{name:24s} {parameter_count(name):>30,d}")
+        print(f"{name:24s} {parameter_count(name):>44,d}")
 
     pretrain_model = models.get_model("testing", num_classes=21, representation_size=10)
     params = pretrain_model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)

@@ -1,12 +1,13 @@
 """The model zoo: every released model's configuration, by name, and `get_model`.
 
 `MODEL_CONFIGS[name]` is a frozen ml_collections config holding the constructor arguments of
-`VisionTransformer` or `MlpMixer` (all but `num_classes`), so `VisionTransformer(
-num_classes=10, **MODEL_CONFIGS['ViT-B_16'])` works as in the original. Sizes live in one table
-per family below; the tiny `testing` models live in the same table. Besides the original's
-models the zoo has DeiT (`DeiT-{Ti,S,B}_16` and the distilled `DeiT-{Ti,S,B}_16-dist`), whose
-configs add `activation='gelu'`, `input_norm='imagenet'` and `distilled` to the ViT table row of
-their size.
+`VisionTransformer`, `MlpMixer`, `SwinTransformer` or `Beit` (all but `num_classes`), so
+`VisionTransformer(num_classes=10, **MODEL_CONFIGS['ViT-B_16'])` works as in the original.
+Sizes live in one table per family below; the tiny `testing*` models live in the same tables.
+Besides the original's models the zoo has DeiT (`DeiT-{Ti,S,B}_16` and the distilled
+`DeiT-{Ti,S,B}_16-dist`), whose configs add `activation='gelu'`, `input_norm='imagenet'` and
+`distilled` to the ViT table row of their size; Swin (`Swin-{T,S,B,L}_4_w7`, `Swin-{B,L}_4_w12`)
+and BEiT (`BEiT-{B,L}_16`), timm's models of those names (`family` says which is which).
 """
 
 from __future__ import annotations
@@ -19,13 +20,17 @@ from typing import Any
 import flax.linen as nn
 import ml_collections
 
+from vit_jax.models_beit import Beit
 from vit_jax.models_mixer import MlpMixer
+from vit_jax.models_swin import SWIN_CONFIGS, SwinTransformer
 from vit_jax.models_vit import VisionTransformer, check_num_classes
 
 __all__ = [
     "MODEL_CONFIGS",
     "NOT_IN_ORIGINAL",
+    "Beit",
     "MlpMixer",
+    "SwinTransformer",
     "VisionTransformer",
     "check_model_config",
     "get_config",
@@ -69,8 +74,25 @@ _DEIT_TABLE: dict[str, tuple[str, bool]] = {
     "DeiT-S_16-dist": ("ViT-S_16", True),
     "DeiT-B_16-dist": ("ViT-B_16", True),
 }
+# Swin (timm's swin_*_patch4_window*, `vit_jax.models_swin.SWIN_CONFIGS`) and a tiny one for
+# tests: 2 px patches, one stage of a plain and a shifted block, window 2.
+# name: (embed_dim, depths, heads, window)
+_SWIN_TABLE: dict[str, tuple] = {
+    "testing-swin": (32, (2,), (2,), 2),
+    **{
+        n: (c["embed_dim"], c["depths"], c["num_heads"], c["window_size"])
+        for n, c in SWIN_CONFIGS.items()
+    },
+}
+# BEiT (timm's beit_{base,large}_patch16_*) and a tiny one for tests.
+# name: (hidden, layers, heads, mlp_dim, patch, LayerScale init)
+_BEIT_TABLE: dict[str, tuple] = {
+    "testing-beit": (64, 1, 4, 128, 16, 0.1),
+    "BEiT-B_16": (768, 12, 12, 3072, 16, 0.1),
+    "BEiT-L_16": (1024, 24, 16, 4096, 16, 1e-5),
+}
 # The zoo entries the original package does not have (so no original config function names them).
-NOT_IN_ORIGINAL = tuple(_DEIT_TABLE)
+NOT_IN_ORIGINAL = (*_DEIT_TABLE, *_SWIN_TABLE, *_BEIT_TABLE)
 
 # name: (hidden, blocks, tokens_mlp_dim, channels_mlp_dim, patch)
 _MIXER_TABLE: dict[str, tuple] = {
@@ -133,9 +155,42 @@ def _mixer_config(name: str, row: tuple) -> ml_collections.ConfigDict:
     )
 
 
+def _swin_config(name: str, row: tuple) -> ml_collections.ConfigDict:
+    embed_dim, depths, heads, window = row
+    return ml_collections.ConfigDict(
+        {
+            "model_name": name,
+            "embed_dim": embed_dim,
+            "depths": depths,
+            "num_heads": heads,
+            "window_size": window,
+            "patch_size": 2 if name.startswith("testing") else 4,
+            "input_norm": "imagenet",  # trained on ImageNet mean/std-normalised pixels
+        }
+    )
+
+
+def _beit_config(name: str, row: tuple) -> ml_collections.ConfigDict:
+    hidden, layers, heads, mlp_dim, patch, layer_scale = row
+    return ml_collections.ConfigDict(
+        {
+            "model_name": name,
+            "patches": {"size": (patch, patch)},
+            "hidden_size": hidden,
+            "num_layers": layers,
+            "num_heads": heads,
+            "mlp_dim": mlp_dim,
+            "layer_scale_init": layer_scale,
+            "input_norm": "inception",  # BEiT's mean = std = 0.5: the pipelines' [-1, 1]
+        }
+    )
+
+
 # The fields that fix a zoo model's architecture; a config named after a zoo model must have the
-# zoo's values for them. The rest (dropout, representation_size, head_bias_init, num_classes,
-# head_hidden_size, drop_path_rate and the speed options) are options a recipe sets.
+# zoo's values for them (Swin's window_size is not one: fine-tuning at 384 px changes it, the
+# relative position tables being resampled). The rest (dropout, representation_size,
+# head_bias_init, num_classes, head_hidden_size, drop_path_rate and the speed options) are
+# options a recipe sets.
 ARCHITECTURE_FIELDS = (
     "patches.size",
     "hidden_size",
@@ -151,19 +206,49 @@ ARCHITECTURE_FIELDS = (
     "channels_mlp_dim",
     "activation",
     "distilled",
+    "embed_dim",
+    "depths",
+    "num_heads",
+    "patch_size",
+    "num_layers",
+    "mlp_dim",
 )
 # What an architecture field absent from a config means (the model's default), so a config that
 # spells out a default matches a zoo entry that leaves it out.
 _FIELD_DEFAULTS = {"activation": "gelu_tanh", "distilled": False}
 # Zoo entries whose architecture fields a config may set freely (the tiny test-bed models,
 # e.g. sized up by the offline default job).
-FREE_FORM = ("testing", "testing-unpooled")
+FREE_FORM = ("testing", "testing-unpooled", "testing-swin", "testing-beit")
 
 MODEL_CONFIGS: dict[str, ml_collections.FrozenConfigDict] = {
     **{n: ml_collections.FrozenConfigDict(_vit_config(n, r)) for n, r in _VIT_TABLE.items()},
     **{n: ml_collections.FrozenConfigDict(_deit_config(n, r)) for n, r in _DEIT_TABLE.items()},
     **{n: ml_collections.FrozenConfigDict(_mixer_config(n, r)) for n, r in _MIXER_TABLE.items()},
+    **{n: ml_collections.FrozenConfigDict(_swin_config(n, r)) for n, r in _SWIN_TABLE.items()},
+    **{n: ml_collections.FrozenConfigDict(_beit_config(n, r)) for n, r in _BEIT_TABLE.items()},
 }
+# Zoo entries whose windows do not tile 224 px: their timm models' resolution.
+_IMAGE_SIZES = {n: 384 for n, r in _SWIN_TABLE.items() if r[3] == 12}
+
+
+def default_image_size(name: str) -> int:
+    """The resolution zoo model `name` is counted and benchmarked at: 224, or 384 for the
+    window-12 Swin models (whose windows do not tile 224)."""
+    _check_name(name)
+    return _IMAGE_SIZES.get(name, 224)
+
+
+def family(name: str) -> str:
+    """'vit', 'mixer', 'swin' or 'beit': which model class and options zoo model `name` has."""
+    _check_name(name)
+    if name in _SWIN_TABLE:
+        return "swin"
+    if name in _BEIT_TABLE:
+        return "beit"
+    return "mixer" if name.startswith("Mixer-") else "vit"
+
+
+_CLASSES = {"vit": VisionTransformer, "mixer": MlpMixer, "swin": SwinTransformer, "beit": Beit}
 
 
 def _check_name(name: str) -> None:
@@ -182,9 +267,9 @@ def get_config(name: str) -> ml_collections.ConfigDict:
 
 
 def model_class(name: str) -> type[nn.Module]:
-    """`MlpMixer` for `Mixer-*` names, `VisionTransformer` for the rest."""
-    _check_name(name)
-    return MlpMixer if name.startswith("Mixer-") else VisionTransformer
+    """The class of zoo model `name`: `VisionTransformer`, `MlpMixer`, `SwinTransformer` or
+    `Beit` (`family`)."""
+    return _CLASSES[family(name)]
 
 
 def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:

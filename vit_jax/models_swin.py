@@ -14,8 +14,9 @@ Image sizes whose stages the windows cannot tile are refused (`check_image_size`
 The parameter tree follows timm's names (`patch_embed/{proj,norm}`,
 `layers_{i}_downsample/{norm,reduction}`, `layers_{i}_blocks_{j}/{norm1, attn/{qkv, proj,
 relative_position_bias_table}, norm2, mlp/{fc1,fc2}}`, `norm`, `head`), so a timm state dict
-converts by renaming and transposing (`from_timm_state`). Weights trained in PyTorch expect
-ImageNet mean/std pixels: `input_norm='imagenet'` (the default here) maps the pipelines' [-1, 1].
+converts by renaming and transposing (`timm_path`, `vit_jax.timm_weights`). Weights trained in
+PyTorch expect ImageNet mean/std pixels: `input_norm='imagenet'` (the default here) maps the
+pipelines' [-1, 1].
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import stochastic_depth
+from vit_jax import model_heads, relative_positions, stochastic_depth
 from vit_jax.vit_options import normalize_input
 
 LAYERNORM_EPSILON = 1e-5
@@ -68,11 +69,7 @@ TIMM_NAMES = {  # the timm model each zoo entry's counts and weights are timm's 
 
 def relative_position_index(window: int) -> np.ndarray:
     """[M², M²] index into the (2M−1)² bias table: (Δrow + M−1)·(2M−1) + (Δcol + M−1)."""
-    rows, cols = np.meshgrid(np.arange(window), np.arange(window), indexing="ij")
-    r, c = rows.reshape(-1), cols.reshape(-1)
-    return (r[:, None] - r[None, :] + window - 1) * (2 * window - 1) + (
-        c[:, None] - c[None, :] + window - 1
-    )
+    return relative_positions.relative_position_index(window, window)
 
 
 def stage_window(resolution: int, window: int, shift: int) -> tuple[int, int]:
@@ -239,12 +236,18 @@ class SwinTransformer(nn.Module):
     mlp_ratio: float = 4.0
     drop_path_rate: float = 0.0
     input_norm: str = "imagenet"
+    head_hidden_size: int | None = None
+    head_bias_init: float = 0.0
     model_name: str | None = None
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(
+        self, images: jax.Array, *, train: bool, features: jax.Array | None = None
+    ) -> jax.Array:
         check_image_size(images.shape[1], tuple(self.depths), self.window_size, self.patch_size)
+        model_heads.check_head_hidden_size(self.head_hidden_size)
+        model_heads.check_features(features, images.shape)
         x = normalize_input(images, self.input_norm).astype(self.dtype)
         embed = _PatchEmbed(self.embed_dim, self.patch_size, self.dtype, name="patch_embed")
         x = embed(x)
@@ -267,8 +270,14 @@ class SwinTransformer(nn.Module):
                 block += 1
         x = nn.LayerNorm(epsilon=LAYERNORM_EPSILON, dtype=self.dtype, name="norm")(x)
         x = jnp.mean(x, axis=(1, 2))
-        if self.num_classes:
-            x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+        x = model_heads.head(
+            x,
+            features,
+            num_classes=self.num_classes,
+            hidden_size=self.head_hidden_size,
+            bias_init=self.head_bias_init,
+            dtype=self.dtype,
+        )
         return x.astype(jnp.float32)
 
 
@@ -293,36 +302,9 @@ def get_swin(name: str, num_classes: int | None = 1000, **overrides: Any) -> Swi
     )
 
 
-def from_timm_state(state: dict[str, np.ndarray]) -> dict[str, Any]:
-    """A timm `swin_*` state dict (NumPy arrays) → this model's parameter tree.
-
-    Linear weights are transposed, the patch convolution goes OIHW → HWIO; the non-persistent
-    buffers (relative index, masks) are rebuilt by the model, not read. A key this mapping
-    does not know is a ValueError listing every such key.
-    """
-    tree: dict[str, Any] = {}
-    unknown = []
-    for key, value in state.items():
-        if key.endswith(("relative_position_index", "attn_mask")):
-            continue
-        path = _timm_path(key)
-        if path is None:
-            unknown.append(key)
-            continue
-        leaf = path[-1]
-        value = np.asarray(value)
-        if leaf == "kernel":
-            value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
-        node = tree
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    if unknown:
-        raise ValueError(f"timm Swin keys with no place in the Flax tree: {sorted(unknown)}.")
-    return tree
-
-
-def _timm_path(key: str) -> tuple[str, ...] | None:
+def timm_path(key: str) -> tuple[str, ...] | None:
+    """timm Swin key → our path (`layers.1.blocks.0.attn.qkv.weight` →
+    layers_1_blocks_0/attn/qkv/kernel); None for a key with no place in the tree."""
     parts = key.split(".")
     if len(parts) < 2:
         return None
@@ -352,58 +334,21 @@ def _timm_path(key: str) -> tuple[str, ...] | None:
 # Another window size: the relative position bias tables resampled as BEiT and timm do.
 
 
-def _source_offsets(src: int, dst: int) -> np.ndarray:
-    """The source table's relative offsets spread geometrically so that its half-width covers
-    the destination's: 1, 1 + q, 1 + q + q², … with q found by bisection (BEiT's scheme)."""
-    left, right = 1.01, 1.5
-    while right - left > 1e-6:
-        q = (left + right) / 2.0
-        if (1.0 - q ** (src // 2)) / (1.0 - q) > dst // 2:
-            right = q
-        else:
-            left = q
-    offsets, current = [], 1.0
-    for i in range(src // 2):
-        offsets.append(current)
-        current += q ** (i + 1)
-    return np.array([-o for o in reversed(offsets)] + [0.0] + offsets)
-
-
-def resize_bias_table(table: np.ndarray, new_window: int) -> np.ndarray:
-    """A ((2M−1)², heads) table → ((2M'−1)², heads): per head, the (2M−1)² grid placed at
-    `_source_offsets` and read by linear interpolation (clamped at the edges) at the integer
-    offsets of the new window."""
-    table = np.asarray(table, np.float64)
-    src = math.isqrt(table.shape[0])
-    dst = 2 * new_window - 1
-    if src * src != table.shape[0]:
-        raise ValueError(f"A relative position table has (2M-1)² rows, got {table.shape[0]}.")
-    if src == dst:
-        return table.astype(np.float32)
-    points = _source_offsets(src, dst)
-    targets = np.arange(-(dst // 2), dst // 2 + 1, dtype=np.float64)
-    grid = table.reshape(src, src, -1)
-    rows = np.stack([[np.interp(targets, points, grid[:, c, h]) for c in range(src)]
-                     for h in range(grid.shape[-1])])  # fmt: skip
-    # rows[h, c, :] = column c interpolated along the rows; now along the columns.
-    out = np.stack([[np.interp(targets, points, rows[h, :, r]) for r in range(dst)]
-                    for h in range(grid.shape[-1])])  # fmt: skip
-    return out.transpose(1, 2, 0).reshape(dst * dst, -1).astype(np.float32)
-
-
 def resample_for(params: dict[str, Any], model: SwinTransformer, image_size: int) -> dict[str, Any]:
     """`params` for `model` at `image_size`: each relative position table whose window differs
-    from the one `model` uses there is resized (`resize_bias_table`); the rest is unchanged."""
+    from the one `model` uses there is resized (`relative_positions.resize_bias_table`)."""
     expected = jax.eval_shape(
         lambda: model.init(
             jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3)), train=False
         )
     )["params"]
+    return relative_positions.resize_relative_tables(params, expected)[0]
 
-    def fit(path, leaf, want):
-        name = getattr(path[-1], "key", None)
-        if name == "relative_position_bias_table" and np.shape(leaf) != want.shape:
-            return resize_bias_table(leaf, (math.isqrt(want.shape[0]) + 1) // 2)
-        return leaf
 
-    return jax.tree_util.tree_map_with_path(fit, params, expected)
+def checkpoint_image_size(params: dict[str, Any], model: SwinTransformer) -> int:
+    """The image size a Swin checkpoint is used at unless one is given: the one whose last
+    stage is one window (224 for window 7, 384 for window 12), as timm's models are named.
+    Only the window is in the params (its tables' size); the resolution is not recorded."""
+    rows = np.shape(params["layers_0_blocks_0"]["attn"][relative_positions.TABLE])[0]
+    window = (math.isqrt(rows) + 1) // 2
+    return window * model.patch_size * 2 ** (len(model.depths) - 1)

@@ -9,6 +9,7 @@ applies at that step, and the first update already has a non-zero lr.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -80,10 +81,11 @@ def kernel_mask(params: Any) -> Any:
 
 
 def layer_ids(params: Any, num_layers: int) -> Any:
-    """Each ViT parameter's depth for layer-wise lr decay (BEiT's and MAE's numbering).
+    """Each ViT or BEiT parameter's depth for layer-wise lr decay (BEiT's and MAE's numbering).
 
     0 for what comes before the blocks (a hybrid's ResNet stem, patch embedding, class and
-    distillation tokens, the position table), i + 1 for block i, num_layers + 1 for everything
+    distillation tokens, the position table), i + 1 for block i (`encoderblock_{i}`, BEiT's
+    `blocks_{i}`), num_layers + 1 for everything
     after (the final norm, `pre_logits`, the heads). A scanned encoder's stacked
     `encoderblock` gets the vector 1 … num_layers along its leading (layer) axis; a
     pretraining tree's ViT under `encoder` is numbered as the ViT itself.
@@ -93,8 +95,10 @@ def layer_ids(params: Any, num_layers: int) -> Any:
         keys = [getattr(k, "key", None) for k in path]
         if keys[0] == "encoder" and len(keys) > 1:  # a pretraining tree: the ViT under it
             keys = keys[1:]
-        before_blocks = ("embedding", "cls", "dist_token", "conv_root", "gn_root")
-        if keys[0] in before_blocks or str(keys[0]).startswith("block"):  # block*: hybrid stem
+        before_blocks = (
+            "embedding", "cls", "dist_token", "conv_root", "gn_root", "patch_embed", "cls_token"
+        )  # fmt: skip
+        if keys[0] in before_blocks or re.fullmatch(r"block\d+", str(keys[0])):  # the hybrid stem
             return 0
         if "posembed_input" in keys:
             return 0
@@ -102,7 +106,7 @@ def layer_ids(params: Any, num_layers: int) -> Any:
             if key == "encoderblock":  # scanned: leading axis = layer
                 ids = np.arange(1, num_layers + 1)
                 return ids.reshape((num_layers,) + (1,) * (np.ndim(leaf) - 1))
-            if isinstance(key, str) and key.startswith("encoderblock_"):
+            if isinstance(key, str) and key.startswith(("encoderblock_", "blocks_")):
                 return int(key.rsplit("_", 1)[1]) + 1
         return num_layers + 1
 

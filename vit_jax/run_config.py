@@ -20,6 +20,7 @@ from vit_jax import (
     input_pipeline,
     model_heads,
     models,
+    models_swin,
     models_vit,
     multihost,
     optim,
@@ -29,15 +30,22 @@ from vit_jax import (
 OPTIM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 COMPUTE_DTYPES = OPTIM_DTYPES
 EVAL_CROPS = ("resize", "resize_small_crop")
-# ViT options the Mixer does not have (it takes `dtype` and `head_hidden_size`).
-_VIT_ONLY_OPTIONS = (
-    "attention_impl",
-    "remat_policy",
-    "scan",
-    "batch_chunks",
-    "matmul_dtype",
-    "drop_path_rate",
-)
+# The model options (`model_options`' keys) each family takes besides `dtype` (compute_dtype)
+# and `head_hidden_size`, which all take. The config keys that set them are in _OPTION_KEYS.
+FAMILY_OPTIONS = {
+    "vit": (
+        "attention_impl",
+        "remat_policy",
+        "scan",
+        "batch_chunks",
+        "matmul_dtype",
+        "drop_path_rate",
+    ),
+    "mixer": (),
+    "swin": ("drop_path_rate",),
+    "beit": ("drop_path_rate",),
+}
+_OPTION_KEYS = {"scan": "scan_layers"}
 
 
 def validate_config(
@@ -96,12 +104,21 @@ def validate_config(
 def describe_run(config: ml_collections.ConfigDict, phase: str = "") -> str:
     """One line saying what is trained on what: model, dataset, image size, steps, devices."""
     model = config.model
-    if "transformer" in model:
+    kind = models.family(model.model_name)
+    if kind == "vit":
         t = model.transformer
         shape = f"width {model.hidden_size}, {t.num_layers} layers, {t.num_heads} heads"
+    elif kind == "beit":
+        shape = f"width {model.hidden_size}, {model.num_layers} layers, {model.num_heads} heads"
+    elif kind == "swin":
+        shape = (
+            f"width {model.embed_dim}, stages of {'/'.join(map(str, model.depths))} blocks, "
+            f"window {model.window_size}"
+        )
     else:
         shape = f"width {model.hidden_dim}, {model.num_blocks} blocks"
-    patch = "×".join(map(str, model.patches.size))
+    size = model.get("patch_size") or model.patches.size
+    patch = "×".join(map(str, size if isinstance(size, (list, tuple)) else (size, size)))
     start = f", from {config.pretrained}" if config.pretrained else ", from scratch"
     devices = f"{jax.device_count()} device{'s' * (jax.device_count() > 1)}"
     if jax.process_count() > 1:
@@ -171,8 +188,15 @@ def make_optimizer(config: ml_collections.ConfigDict, schedule: optim.Schedule):
         b2=config.adam_b2,
         weight_decay=config.weight_decay,
         layer_decay=config.layer_decay,
-        num_layers=int(config.model.get("transformer", {}).get("num_layers", 0)),
+        num_layers=layer_count(config.model),
     )
+
+
+def layer_count(model_config: ml_collections.ConfigDict) -> int:
+    """The blocks layer-wise lr decay numbers (ViT and BEiT); 0 for the other families."""
+    if models.family(model_config.model_name) == "beit":
+        return int(model_config.num_layers)
+    return int(model_config.get("transformer", {}).get("num_layers", 0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,12 +340,18 @@ def _check_model_options(config: ml_collections.ConfigDict) -> None:
         input_norm=config.model.get("input_norm", "inception"),
     )
     model_heads.check_head_hidden_size(config.head_hidden_size)
-    vit_only = {k: v for k, v in model_options(config).items() if k in _VIT_ONLY_OPTIONS}
-    if vit_only and models.model_class(config.model.model_name) is not models.VisionTransformer:
+    kind = models.family(config.model.model_name)
+    common = ("dtype", "head_hidden_size")
+    refused = [k for k in model_options(config) if k not in (*common, *FAMILY_OPTIONS[kind])]
+    if config.layer_decay != 1.0 and not layer_count(config.model):
+        refused.append("layer_decay")
+    if refused:
+        takes = ["compute_dtype", "head_hidden_size"]
+        takes += [_OPTION_KEYS.get(k, k) for k in FAMILY_OPTIONS[kind]]
+        takes += ["layer_decay"] if kind in ("vit", "beit") else []
         raise ValueError(
-            f"{config.model.model_name} takes compute_dtype and head_hidden_size only; unset "
-            f"{sorted(vit_only)} (attention_impl, remat_policy, scan_layers, batch_chunks, "
-            "matmul_dtype and drop_path_rate are ViT options)."
+            f"{config.model.model_name} (a {kind} model) takes {', '.join(takes)} only; unset "
+            f"{', '.join(_OPTION_KEYS.get(k, k) for k in refused)}."
         )
     transformer = config.model.get("transformer")
     attention_dropout = (
@@ -336,7 +366,16 @@ def _check_model_options(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_patch_grid(model_config: ml_collections.ConfigDict, image_size: int) -> None:
-    """Image size must tile into patches (after the hybrid stem's stride); Mixer has no stem."""
+    """Image size must tile into patches (after the hybrid stem's stride; Swin: into its
+    windows at every stage); Mixer has no stem."""
+    if models.family(model_config.model_name) == "swin":
+        models_swin.check_image_size(
+            image_size,
+            tuple(model_config.depths),
+            model_config.window_size,
+            model_config.patch_size,
+        )
+        return
     resnet = model_config.get("resnet")
     models_vit.check_image_size(
         (image_size, image_size),

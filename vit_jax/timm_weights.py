@@ -1,9 +1,9 @@
-"""timm's ViT-layout weights (`vit_*`, `deit_*`, `deit_*_distilled_*`) → the released `.npz` tree.
+"""timm's weights (`vit_*`, `deit_*`, `deit_*_distilled_*`, `swin_*`, `beit_*`) → an `.npz` tree.
 
-timm publishes ViT, AugReg, MAE-encoder and DeiT weights as PyTorch state_dicts (`.safetensors`
-on the Hugging Face hub, `.pth` / `.bin` elsewhere). `convert` maps one onto the parameter tree of
-a zoo model (our names, the original's: `Transformer/encoderblock_{i}/...`), and the command line
-writes it in the released format:
+timm publishes ViT, AugReg, MAE-encoder, DeiT, Swin and BEiT weights as PyTorch state_dicts
+(`.safetensors` on the Hugging Face hub, `.pth` / `.bin` elsewhere). `convert` maps one onto the
+parameter tree of a zoo model (our names, the original's: `Transformer/encoderblock_{i}/...`),
+and the command line writes it in the released format:
 
     python -m vit_jax.timm_weights --model=DeiT-S_16-dist \
         --checkpoint=deit_small_distilled_patch16_224.safetensors --out=params.npz
@@ -11,6 +11,11 @@ writes it in the released format:
 The mapping is strict: every tensor of the file must land in a param of the model, and every
 param must be filled with the right shape; otherwise one `CheckpointError` lists the unknown keys,
 the missing params and the mis-shaped tensors, and says which zoo model the file looks like.
+
+Swin and BEiT keep timm's names in our tree (`vit_jax.models_swin`, `vit_jax.models_beit`), so
+their keys are renamed (`layers.0.blocks.1.attn.qkv.weight` → `layers_0_blocks_1/attn/qkv/kernel`)
+and their non-parameter buffers (relative index, attention masks, BEiT's zero `k_bias`) skipped.
+A BEiT file's image size is its tables' grid (224 or 384); a Swin file's is the zoo model's.
 
 Layouts: Linear weights are (out, in) in torch and (in, out) here; the patch convolution is OIHW
 in torch and HWIO here; timm's fused `attn.qkv` (3·D, D) is split into our query / key / value
@@ -37,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import checkpoint, models, models_vit, weights_info
+from vit_jax import checkpoint, models, models_swin, models_vit, relative_positions, weights_info
 from vit_jax.checkpoint import CheckpointError
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
@@ -55,6 +60,9 @@ TIMM_TO_ZOO = {
     "vit_huge_patch14_* (incl. .mae)": "ViT-H_14",
     "deit_{tiny,small,base}_patch16_*": "DeiT-{Ti,S,B}_16",
     "deit_{tiny,small,base}_distilled_patch16_*": "DeiT-{Ti,S,B}_16-dist",
+    "swin_{tiny,small,base,large}_patch4_window7_224": "Swin-{T,S,B,L}_4_w7",
+    "swin_{base,large}_patch4_window12_384": "Swin-{B,L}_4_w12",
+    "beit_{base,large}_patch16_{224,384}": "BEiT-{B,L}_16",
 }
 _SHOWN = 8  # entries listed per kind of problem
 
@@ -250,8 +258,50 @@ def _rules(num_layers: int) -> dict[str, _Rule]:
     return rules
 
 
+def _beit_path(key: str) -> tuple[str, ...] | None:
+    """timm BEiT key → our path (`blocks.3.attn.qkv.weight` → blocks_3/attn/qkv/kernel)."""
+    parts = key.split(".")
+    if parts[0] == "blocks" and len(parts) > 2:
+        parts = [f"blocks_{parts[1]}", *parts[2:]]
+    top = ("cls_token", "patch_embed", "fc_norm", "head")
+    if parts[0] not in top and not parts[0].startswith("blocks_"):
+        return None
+    if parts[-1] == "weight":
+        parts[-1] = "scale" if "norm" in parts[-2] else "kernel"
+    return tuple(parts)
+
+
+# family: (timm key → our path or None, suffixes of timm's non-parameter buffers to skip)
+NAMED_LAYOUTS: dict[str, tuple[Callable[[str], tuple[str, ...] | None], tuple[str, ...]]] = {
+    "swin": (models_swin.timm_path, ("relative_position_index", "attn_mask")),
+    "beit": (_beit_path, ("relative_position_index", "k_bias")),
+}
+
+
+def _named_rules(
+    state_dict: Mapping[str, np.ndarray], path_of: Callable[[str], tuple[str, ...] | None]
+) -> dict[str, _Rule]:
+    """Rules for a layout whose names we keep: each key renamed, kernels transposed."""
+    rules = {}
+    for key, value in state_dict.items():
+        path = path_of(key)
+        if path is None:
+            continue
+        target = "/".join(path)
+        if path[-1] != "kernel":
+            rules[key] = _same(target)
+        elif np.ndim(value) == 4:
+            rules[key] = _conv_weight(target)
+        else:
+            rules[key] = _linear_weight(target)
+    return rules
+
+
 def expected_params(
-    state_dict: Mapping[str, np.ndarray], model_name: str, **overrides: Any
+    state_dict: Mapping[str, np.ndarray],
+    model_name: str,
+    image_size: int | None = None,
+    **overrides: Any,
 ) -> tuple[Params, int]:
     """The shapes of the params `model_name` needs for this file, and the image size used.
 
@@ -261,6 +311,8 @@ def expected_params(
     """
     if "head.weight" in state_dict:
         num_classes = int(np.shape(state_dict["head.weight"])[0])
+    elif "head.fc.weight" in state_dict:  # Swin
+        num_classes = int(np.shape(state_dict["head.fc.weight"])[0])
     elif "head_dist.weight" in state_dict:
         num_classes = int(np.shape(state_dict["head_dist.weight"])[0])
     else:
@@ -271,12 +323,18 @@ def expected_params(
         )
     model = models.get_model(model_name, num_classes=num_classes, **overrides)
     patch = int(model.patches.size[0]) if getattr(model, "patches", None) else 16
-    special = int(model.classifier in ("token", "token_unpooled")) + int(
+    special = int(getattr(model, "classifier", "") in ("token", "token_unpooled")) + int(
         bool(getattr(model, "distilled", False))
     )
-    image_size = 224
+    given, image_size = image_size, models.default_image_size(model_name)
     pos = state_dict.get("pos_embed")
-    if pos is not None and np.ndim(pos) == 3:
+    table = state_dict.get(f"blocks.0.attn.{relative_positions.TABLE}")
+    if given:
+        image_size = int(given)
+    elif models.family(model_name) == "beit" and table is not None:  # the grid its tables are for
+        side = math.isqrt(max(np.shape(table)[0] - relative_positions.CLASS_TOKEN_ROWS, 1))
+        image_size = (side + 1) // 2 * patch
+    elif pos is not None and np.ndim(pos) == 3:
         side = math.isqrt(max(np.shape(pos)[1] - special, 0))
         if side > 0 and side * side == np.shape(pos)[1] - special:
             image_size = side * patch
@@ -288,26 +346,41 @@ def expected_params(
     return checkpoint._as_plain_dict(shapes), image_size
 
 
-def convert(state_dict: Mapping[str, np.ndarray], model_name: str, **overrides: Any) -> Params:
-    """timm ViT / DeiT / distilled DeiT state_dict → the params tree of zoo model `model_name`.
+def convert(
+    state_dict: Mapping[str, np.ndarray],
+    model_name: str,
+    image_size: int | None = None,
+    **overrides: Any,
+) -> Params:
+    """timm ViT / DeiT / Swin / BEiT state_dict → the params tree of zoo model `model_name`.
 
     `overrides` are model overrides (as for `models.get_model`), e.g. a smaller depth for tests.
+    `image_size` is the resolution the shapes are checked at (default: the file's, as far as
+    its tables tell, else the zoo model's: 224, 384 for window-12 Swin).
     Raises one CheckpointError listing every unknown key, missing param and mis-shaped tensor.
     """
     state_dict = {k: np.asarray(v) for k, v in state_dict.items()}
-    expected, _ = expected_params(state_dict, model_name, **overrides)
+    expected, _ = expected_params(state_dict, model_name, image_size, **overrides)
     want = {k: tuple(v.shape) for k, v in checkpoint.flatten(expected).items()}
     dtypes = {k: v.dtype for k, v in checkpoint.flatten(expected).items()}
-    num_layers = sum(1 for k in expected.get("Transformer", {}) if k.startswith("encoderblock_"))
-    file_layers = 1 + max(
-        (
-            int(k.split(".")[1])
-            for k in state_dict
-            if k.startswith("blocks.") and k.split(".")[1].isdigit()
-        ),
-        default=-1,
-    )
-    rules = _rules(max(num_layers, file_layers))
+    family = models.family(model_name)
+    if family in NAMED_LAYOUTS:  # Swin, BEiT: our tree has timm's names
+        path_of, buffers = NAMED_LAYOUTS[family]
+        state_dict = {k: v for k, v in state_dict.items() if not k.endswith(buffers)}
+        rules = _named_rules(state_dict, path_of)
+    else:
+        num_layers = sum(
+            1 for k in expected.get("Transformer", {}) if k.startswith("encoderblock_")
+        )
+        file_layers = 1 + max(
+            (
+                int(k.split(".")[1])
+                for k in state_dict
+                if k.startswith("blocks.") and k.split(".")[1].isdigit()
+            ),
+            default=-1,
+        )
+        rules = _rules(max(num_layers, file_layers))
 
     flat: dict[str, np.ndarray] = {}
     unknown, mismatched, covered = [], [], set()
@@ -357,6 +430,11 @@ def _looks_like(state_dict: Mapping[str, np.ndarray], model_name: str) -> str:
     distilled = "dist_token" in state_dict
     model_distilled = bool(config.get("distilled", False))
     parts = []
+    family = models.family(model_name)
+    if "layers.0.blocks.0.attn.relative_position_bias_table" in state_dict and family != "swin":
+        parts.append("the file is a Swin (layers.*.blocks.*): use a Swin-* model")
+    if "blocks.0.attn.relative_position_bias_table" in state_dict and family != "beit":
+        parts.append("the file is a BEiT (blocks.*.gamma_1, relative tables): use BEiT-*_16")
     if distilled and not model_distilled:
         parts.append(
             "the file is a distilled DeiT (it has dist_token and head_dist), the model is not"
@@ -407,7 +485,7 @@ def _blocks_last(key: str) -> tuple:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m vit_jax.timm_weights",
-        description="Convert timm ViT / DeiT weights to a released-format .npz of a zoo model.",
+        description="Convert timm ViT / DeiT / Swin / BEiT weights to an .npz of a zoo model.",
     )
     parser.add_argument("--model", required=True, help="Zoo model name, e.g. DeiT-S_16-dist.")
     parser.add_argument(
