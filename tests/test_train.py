@@ -385,7 +385,13 @@ def test_img_per_sec_leaves_out_compile_checkpoint_and_eval_time(monkeypatch):
         ({"optimizer": "sgd", "weight_decay": 0.1}, "optimizer 'sgd' takes no weight_decay"),
         (
             {"model": common.model_config("Mixer-B_16"), "scan_layers": True},
-            r"Mixer-B_16 takes compute_dtype and head_hidden_size only; unset \['scan'\]",
+            r"Mixer-B_16 \(a mixer model\) takes compute_dtype, head_hidden_size only; unset "
+            "scan_layers",
+        ),
+        (
+            {"model": common.model_config("testing-swin"), "layer_decay": 0.65},
+            r"testing-swin \(a swin model\) takes compute_dtype, head_hidden_size, "
+            "drop_path_rate only; unset layer_decay",
         ),
         (
             {
