@@ -28,6 +28,11 @@ e.g. `wget https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz`) 
 pretraining workdir (its `params.npz`); left empty, the model trains from scratch. The head is
 replaced and the position table resampled to the new grid.
 
+Swin and BEiT models fine-tune with their authors' AdamW recipes instead (`SWIN`, `BEIT` below;
+the dataset's steps, splits and warmup as above, batch 512), at 384 px: Swin with window 12 (the
+relative position tables resampled from the checkpoint's window, e.g. 7 → 12), BEiT with its
+relative tables resampled from the 14 × 14 grid of 224 px to 24 × 24.
+
 Expected top-1 (ImageNet-21k ViT-B_16 fine-tuned at 384 px on accelerators; the ViT paper's
 Table 5 and the original vit_jax README): CIFAR-10 98.95–99.02 %, CIFAR-100 91.7–92.1 %,
 ImageNet 84.0–84.5 %. Not reproduced here (no accelerator).
@@ -70,6 +75,38 @@ PRESETS: dict[str, Preset] = {
 BASE_LR = 0.03
 BASE_LR_EXCEPTIONS = {("ViT-B_16", "cifar10"): 0.01}  # (model, dataset): base lr
 
+# The Swin and BEiT authors' fine-tuning of their ImageNet-21k(-fine-tuned) weights, as config keys.
+# Swin (Swin-Transformer's *_22kto1k_finetune.yaml with its config.py defaults): AdamW, base lr
+# 2e-5 and min lr 2e-7 per 512 images a step (its main.py scales both by batch / 512), weight
+# decay 1e-8 (not on biases, norms or the relative tables: this optimiser decays kernels only),
+# label smoothing 0.1, mixup 0.8 and cutmix 1.0 (one per batch), gradient clip 5, drop path 0.2,
+# window 12 at 384 px. BEiT (unilm's beit fine-tuning of the pt22k-ft22k weights, batch 512):
+# AdamW, lr 2e-5, min lr 1e-6, weight decay 1e-8, label smoothing 0.1, no mixup, no clipping;
+# layer decay 0.85 and drop path 0.1 for B, 0.9 and 0.4 for L.
+SWIN = dict(
+    optimizer="adamw",
+    base_lr=2e-5,
+    linear_end=2e-7,
+    weight_decay=1e-8,
+    label_smoothing=0.1,
+    mixup_alpha=0.8,
+    cutmix_alpha=1.0,
+    grad_clip_norm=5.0,
+    drop_path_rate=0.2,
+)
+SWIN_WINDOW = 12  # at 384 px, as swin_*_window12_384: the last stage (12 × 12) is one window
+BEIT = dict(
+    optimizer="adamw",
+    base_lr=2e-5,
+    linear_end=1e-6,
+    weight_decay=1e-8,
+    label_smoothing=0.1,
+    grad_clip_norm=0.0,
+    layer_decay=0.85,
+    drop_path_rate=0.1,
+)
+BEIT_LARGE = dict(layer_decay=0.9, drop_path_rate=0.4)  # BEiT-L's values of the above
+
 
 def get_config(arg: str = "ViT-B_16,cifar10") -> ml_collections.ConfigDict:
     model_name, dataset = _parse(arg)
@@ -94,6 +131,14 @@ def get_config(arg: str = "ViT-B_16,cifar10") -> ml_collections.ConfigDict:
     c.loss = "softmax_xent"
     c.eval_every = EVAL_EVERY
     c.pretrained = ""  # set on the command line: a released .npz or a pretraining workdir
+    family = models.family(model_name)
+    if family == "swin":
+        c.update(SWIN, optim_dtype="float32")
+        c.model.window_size = SWIN_WINDOW
+    elif family == "beit":
+        c.update(BEIT, optim_dtype="float32")
+        if model_name == "BEiT-L_16":
+            c.update(BEIT_LARGE)
     return c
 
 
@@ -114,6 +159,8 @@ def _image_size(model: ml_collections.ConfigDict) -> int:
     """224 px for a Mixer (its checkpoints' grid), else 384 px rounded up to the patch."""
     if models.model_class(model.model_name) is models.MlpMixer:
         return MIXER_IMAGE_SIZE
+    if models.family(model.model_name) == "swin":
+        return IMAGE_SIZE  # 384 = 12 windows of 12 at the last stage (patch 4, 3 mergings)
     return _round_up_to_patch(IMAGE_SIZE, model)
 
 

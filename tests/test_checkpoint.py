@@ -235,6 +235,17 @@ def test_from_released_numbering_sorts_numerically():
     assert int(out["Dense_0"]["w"]) == 1 and int(out["LayerNorm_0"]["w"]) == 2
 
 
+def test_names_a_module_gives_itself_keep_their_numbers(tmp_path):
+    """BEiT's LayerScale `gamma_1`, `gamma_2` are not Flax's automatic names: a saved BEiT file
+    loads with them as they were (renumbered, they became gamma_0, gamma_1 and failed to load)."""
+    block = {"gamma_1": np.ones(4), "gamma_2": np.full(4, 2.0), "norm1": {"scale": np.ones(4)}}
+    params = {"blocks_0": block, "blocks_1": block, "head": {"kernel": np.zeros((4, 2))}}
+    checkpoint.save(params, tmp_path / "beit.npz")
+    loaded = checkpoint.load(tmp_path / "beit.npz")
+    assert sorted(loaded["blocks_1"]) == ["gamma_1", "gamma_2", "norm1"]
+    np.testing.assert_array_equal(loaded["blocks_1"]["gamma_2"], 2.0)
+
+
 def test_scan_unscan_round_trip_and_save_from_scanned(tmp_path):
     params = _init(_tiny_vit(layers=3))
     scanned = checkpoint.scan_params(params)

@@ -51,8 +51,10 @@ POOLED = [
     for n, c in models.MODEL_CONFIGS.items()
     if c.get("classifier", "gap") in POOLING
     and not c.get("distilled")
-    and models.family(n) in ("vit", "mixer")  # the recipes' presets are for these families
+    and models.family(n) in ("vit", "mixer")  # the pretraining recipe is for these families
 ]
+# Swin and BEiT are fine-tuned (their authors' recipes), not pretrained, by the recipes here.
+RELATIVE = [n for n in models.MODEL_CONFIGS if models.family(n) in ("swin", "beit")]
 FINETUNE_DATASETS = [
     *(d for d in finetune.PRESETS if d not in common.PATH_PREFIXES),
     "folder:/data/x",
@@ -140,12 +142,33 @@ def test_finetune_recipe_for_every_preset(name, dataset):
     assert config.base_lr == expected_lr
 
 
-@pytest.mark.parametrize("name", POOLED)
+@pytest.mark.parametrize("name", POOLED + RELATIVE)
 def test_finetune_image_size_tiles_for_every_model(name):
     config = finetune.get_config(f"{name},imagenet2012")
-    run_config.validate_config(config, 8, 8)
+    run_config.validate_config(config, 8, 8)  # Swin: 384 px tiles into windows of 12
     expected = 392 if name == "ViT-H_14" else 224 if name.startswith("Mixer") else 384
     assert config.image_size == expected  # 28 × 14 = 392 is the first multiple of 14 ≥ 384
+
+
+@pytest.mark.parametrize("name", RELATIVE)
+def test_swin_and_beit_fine_tune_with_their_authors_recipes(name):
+    """The Swin authors' 22k→1k fine-tuning and BEiT's fine-tuning of its 22k weights, per batch
+    of 512; a Swin model at 384 px has windows of 12, its tables resampled from the file's."""
+    config = finetune.get_config(f"{name},imagenet2012")
+    assert (config.optimizer, config.base_lr, config.batch_size) == ("adamw", 2e-5, 512)
+    assert (config.weight_decay, config.label_smoothing, config.loss) == (1e-8, 0.1, "softmax_xent")
+    assert (config.total_steps, config.warmup_steps) == RECIPE_STEPS["imagenet2012"][2:]
+    model = run_config.make_model(config, num_classes=1000)
+    if models.family(name) == "swin":
+        assert model.window_size == 12
+        assert (config.mixup_alpha, config.cutmix_alpha, config.grad_clip_norm) == (0.8, 1.0, 5.0)
+        assert (config.drop_path_rate, config.layer_decay, config.linear_end) == (0.2, 1.0, 2e-7)
+    else:
+        large = name == "BEiT-L_16"
+        assert (config.mixup_alpha, config.cutmix_alpha, config.grad_clip_norm) == (0.0, 0.0, 0.0)
+        assert config.drop_path_rate == (0.4 if large else 0.1)
+        assert (config.layer_decay, config.linear_end) == (0.9 if large else 0.85, 1e-6)
+    assert model.drop_path_rate == config.drop_path_rate  # reaches the model
 
 
 # The original fine-tunes with the zoo config unchanged; its table (the original's

@@ -52,7 +52,9 @@ _BLOCK_TO_RELEASED = {
     "LayerNorm_1": "LayerNorm_2",
     "MlpBlock_0": "MlpBlock_3",
 }
-_NUMBERED = re.compile(r"^(.*)_(\d+)$")
+# The names the older numbering applies to: Flax's automatic `<ClassName>_<n>` and the encoder's
+# `encoderblock_<n>`. Names a module gives itself (BEiT's `gamma_1`, `gamma_2`) are kept.
+_NUMBERED = re.compile(r"^([A-Z]\w*|encoderblock)_(\d+)$")
 _UNROLLED_BLOCK = re.compile(r"^encoderblock_(\d+)$")
 SCANNED_BLOCK = "encoderblock"
 
@@ -226,7 +228,9 @@ def from_released_numbering(tree: Mapping[str, Any]) -> Params:
     → `LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1`) at every level of the tree.
 
     Within one parent, names `<type>_<n>` of the same type keep their order and are numbered
-    0, 1, ... A tree already in the current numbering comes back unchanged.
+    0, 1, ... (Flax's automatic `<ClassName>_<n>` names and `encoderblock_<n>`; other names, such
+    as BEiT's `gamma_1`, are not renumbered). A tree already in the current numbering comes back
+    unchanged.
     """
     by_type: dict[str, list[tuple[int, str]]] = {}
     for key in tree:
