@@ -11,7 +11,7 @@ from typing import Any
 
 import ml_collections
 
-from vit_jax import models
+from vit_jax import models, models_vit
 
 
 def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
@@ -20,6 +20,13 @@ def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
     Unknown names fail listing close matches; unknown keys fail listing the valid ones.
     """
     return models.model_config(name, **overrides)
+
+
+def round_up_to_patch(size: int, model: ml_collections.ConfigDict) -> int:
+    """`size` rounded up to a multiple of the model's patch (times a hybrid stem's stride): the
+    resolution a recipe of `size` px trains a ViT, hybrid or BEiT at (392 for ViT-H_14 at 384)."""
+    step = math.lcm(*model.patches.size) * models_vit.stem_stride(model.get("resnet"))
+    return math.ceil(size / step) * step
 
 
 # Dataset names that carry a path (input_pipeline.FOLDER_PREFIX and RECORDS_PREFIX, written out so

@@ -40,13 +40,12 @@ ImageNet 84.0–84.5 %. Not reproduced here (no accelerator).
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import ml_collections
 
 from configs import common
-from vit_jax import models, models_vit
+from vit_jax import models
 
 IMAGE_SIZE = 384  # ViT fine-tuning resolution, rounded up to a multiple of the model's patch
 # Mixer: the resolution of the released checkpoints (the token-mixing weights fix the grid).
@@ -161,10 +160,4 @@ def _image_size(model: ml_collections.ConfigDict) -> int:
         return MIXER_IMAGE_SIZE
     if models.family(model.model_name) == "swin":
         return IMAGE_SIZE  # 384 = 12 windows of 12 at the last stage (patch 4, 3 mergings)
-    return _round_up_to_patch(IMAGE_SIZE, model)
-
-
-def _round_up_to_patch(size: int, model: ml_collections.ConfigDict) -> int:
-    """`size` rounded up to a multiple of the patch (times the hybrid stem's stride)."""
-    step = math.lcm(*model.patches.size) * models_vit.stem_stride(model.get("resnet"))
-    return math.ceil(size / step) * step
+    return common.round_up_to_patch(IMAGE_SIZE, model)

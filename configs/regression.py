@@ -30,7 +30,7 @@ import math
 import ml_collections
 
 from configs import common
-from vit_jax import models, models_vit
+from vit_jax import models
 
 IMAGE_SIZE = 224  # rounded up to a multiple of the model's patch
 BATCH_SIZE = 128
@@ -50,10 +50,7 @@ def get_config(arg: str = "ViT-B_16,/data/petfinder/train.csv") -> ml_collection
     c.train_split = "train"
     c.test_split = "validation"
     c.model = common.model_config(model_name)
-    step = math.lcm(*c.model.patches.size) * models_vit.stem_stride(c.model.get("resnet"))
-    if models.model_class(model_name) is models.MlpMixer:
-        step = 1  # a Mixer's token count fixes its resolution: 224 px is the released one
-    c.image_size = math.ceil(IMAGE_SIZE / step) * step
+    c.image_size = _image_size(c.model)
     c.head_hidden_size = HEAD_HIDDEN_SIZE
     c.batch_size = BATCH_SIZE
     c.optimizer = "adamw"
@@ -80,3 +77,13 @@ def _parse(arg: str) -> tuple[str, str]:
             f"'--config=configs/regression.py:ViT-B_16,/data/petfinder/train.csv', got {arg!r}."
         )
     return model_name, csv_path
+
+
+def _image_size(model: ml_collections.ConfigDict) -> int:
+    """224 px rounded up to the patch; a Mixer's released 224 px (its token count fixes the
+    grid); a Swin at its checkpoints' resolution (224 px for window 7, 384 for window 12)."""
+    if models.model_class(model.model_name) is models.MlpMixer:
+        return IMAGE_SIZE
+    if models.family(model.model_name) == "swin":
+        return models.default_image_size(model.model_name)
+    return common.round_up_to_patch(IMAGE_SIZE, model)
