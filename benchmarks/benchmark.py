@@ -25,8 +25,10 @@ columns the ratio is the median over rounds of (reference time ÷ this row's tim
 round: taken back to back, the two times share the machine's mood, so on a noisy VM the paired
 ratio and its quartiles hold far better than a ratio of two medians.
 
-With `timm` and `torch` importable, `--timm` adds timm's equivalent model (same sizes,
-tanh-GELU) trained with torch SGD in fp32 on the CPU, as a `timm` row.
+With `timm` and `torch` importable, `--timm` adds timm's equivalent model, built from the zoo
+entry's sizes (the ViT with tanh-GELU; Swin and BEiT as timm's `SwinTransformer` and `Beit`),
+trained with torch SGD in fp32 on the CPU, as a `timm` row. Swin and BEiT take the `bf16`
+variant only (compute dtype); the other variants' options are ViT's and are left out for them.
 
 `--compile_only` rows (e.g. `ViT-L_16@224`) measure compile time and memory without running.
 `--data` measures the input pipeline's training-batch rate at the benchmark's batch and
@@ -217,10 +219,20 @@ def paired_ratios(reference: Sequence[float], times: Sequence[float]) -> tuple[f
     return median, q1, q3
 
 
+def model_variants(name: str, variants: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(the variants whose options model `name` has, the others): Swin and BEiT have `dtype`."""
+    fields = {f.name for f in dataclasses.fields(models.model_class(name))}
+    ok = [v for v in variants if set(VARIANTS[v]) <= fields]
+    return ok, [v for v in variants if v not in ok]
+
+
 def measure_model(
     name: str, resolution: int, variants: Sequence[str], batch: int, repeats: int, with_timm: bool
 ) -> list[Row]:
-    """Rows of every variant (and timm's, if asked and available), timed in turns."""
+    """Rows of every variant the model has (and timm's, if asked and available), in turns."""
+    variants, left_out = model_variants(name, variants)
+    if left_out:
+        print(f"  {name}: no {', '.join(left_out)} (ViT options)", file=sys.stderr)
     prepared = [prepare(name, resolution, v, batch) for v in variants]
     if with_timm:
         timm_prepared = prepare_timm(name, resolution, batch)
@@ -248,24 +260,49 @@ def measure(
 
 
 def prepare_timm(name: str, resolution: int, batch: int) -> Prepared | None:
-    """timm's ViT of the same size, fp32, torch SGD + momentum; None when timm is unavailable."""
+    """timm's model of the same size, fp32, torch SGD + momentum; None when timm is unavailable."""
     try:
         torch, timm = _import_timm()
     except ImportError:
         return None
     config = models.MODEL_CONFIGS[name]
-    if config.get("resnet") is not None or "Mixer" in name:
+    family = models.family(name)
+    if family == "swin":
+        model = timm.models.swin_transformer.SwinTransformer(
+            img_size=resolution,
+            patch_size=config.patch_size,
+            embed_dim=config.embed_dim,
+            depths=config.depths,
+            num_heads=config.num_heads,
+            window_size=config.window_size,
+            num_classes=NUM_CLASSES,
+        )
+    elif family == "beit":
+        model = timm.models.beit.Beit(
+            img_size=resolution,
+            patch_size=config.patches.size[0],
+            embed_dim=config.hidden_size,
+            depth=config.num_layers,
+            num_heads=config.num_heads,
+            mlp_ratio=config.mlp_dim / config.hidden_size,
+            use_abs_pos_emb=False,
+            use_rel_pos_bias=True,
+            init_values=config.layer_scale_init,
+            num_classes=NUM_CLASSES,
+        )
+    elif config.get("resnet") is not None or "Mixer" in name:
         return None
-    model = timm.models.vision_transformer.VisionTransformer(
-        img_size=resolution,
-        patch_size=config.patches.size[0],
-        embed_dim=config.hidden_size,
-        depth=config.transformer.num_layers,
-        num_heads=config.transformer.num_heads,
-        mlp_ratio=config.transformer.mlp_dim / config.hidden_size,
-        num_classes=NUM_CLASSES,
-        act_layer="gelu_tanh",
-    )
+    else:
+        model = timm.models.vision_transformer.VisionTransformer(
+            img_size=resolution,
+            patch_size=config.patches.size[0],
+            embed_dim=config.hidden_size,
+            depth=config.transformer.num_layers,
+            num_heads=config.transformer.num_heads,
+            mlp_ratio=config.transformer.mlp_dim / config.hidden_size,
+            num_classes=NUM_CLASSES,
+            act_layer="gelu_tanh",
+        )
     opt = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9)
     x = torch.rand(batch, 3, resolution, resolution) * 2 - 1
     y = torch.arange(batch) % NUM_CLASSES

@@ -31,6 +31,20 @@ def test_benchmark_row_reports_memory_and_flops():
     assert row.gflop_per_img > 0
 
 
+def test_swin_and_beit_rows_run_the_variants_they_have_and_timms_model():
+    """Swin and BEiT take the compute dtype only; their timm row is timm's own model, and its
+    FLOPs are the same order as ours (XLA's count of our train step vs timm's forward × 3)."""
+    variants = ["reference", "scan", "bf16", "chunks2"]
+    assert benchmark.model_variants("testing-beit", variants) == (
+        ["reference", "bf16"],
+        ["scan", "chunks2"],
+    )
+    rows = benchmark.measure_model("testing-swin", 16, variants, 8, repeats=1, with_timm=True)
+    assert [r.variant for r in rows] == ["reference", "bf16", "timm (torch fp32)"]
+    assert all(r.train_ips > 0 and r.infer_ips > 0 for r in rows)
+    assert rows[0].gflop_per_img > 0
+
+
 def test_every_variant_gets_the_reference_model_flops():
     # XLA counts a scanned loop body once, so the scan row's own count is a fraction.
     rows = [
