@@ -234,3 +234,10 @@ def test_the_overlay_of_a_jpeg_shows_the_pixels_the_model_sees(tmp_path, capsys)
     np.testing.assert_array_equal(pixels, reference)
     with Image.open(jpeg) as photo:  # what Pillow decodes differs (IDCT, upsampling)
         assert np.mean(np.asarray(photo.convert("RGB")) != reference) > 0.3
+
+
+@pytest.mark.parametrize("name", ["testing-swin", "testing-beit", "Mixer-B_16"])
+def test_attention_maps_refuse_models_other_than_vit_with_one_error(name):
+    model = models.get_model(name, num_classes=10)
+    with pytest.raises(ValueError, match=r"for ViT and DeiT models .*Use a ViT or DeiT model"):
+        attention.attention_weights(model, {}, np.zeros((1, 16, 16, 3), np.float32))

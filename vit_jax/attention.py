@@ -49,7 +49,10 @@ def attention_weights(
     weights with the default `attention_impl='flax'`; scanned and unrolled encoders alike.
     """
     if not isinstance(model, models_vit.VisionTransformer):
-        raise ValueError(f"{type(model).__name__} has no attention; rollout needs a ViT.")
+        raise ValueError(
+            f"Attention maps are for ViT and DeiT models (the rollout of their encoder's "
+            f"attention weights); got a {type(model).__name__}. Use a ViT or DeiT model."
+        )
     if model.attention_impl != "flax":
         raise ValueError(
             f"attention_impl={model.attention_impl!r} does not expose attention weights (the "

@@ -210,7 +210,8 @@ def model_for_checkpoint(
 
     `num_classes` comes from the checkpoint's head and, for a ViT, `representation_size` from
     its `pre_logits` (released ImageNet-21k files have one, fine-tuned ones do not) and
-    `distilled` from its `dist_token`, unless given in `overrides`. The resolution is the
+    `distilled` from its `dist_token`, and for a Swin the window from its tables, unless given
+    in `overrides`. The resolution is the
     checkpoint's (`infer_image_size`; Swin and BEiT: `RELATIVE_FAMILIES`) unless `image_size`
     is given, in which case the position table (Swin, BEiT: the relative position tables) is
     resampled to the new grid as fine-tuning does. Anything
@@ -238,6 +239,8 @@ def model_for_checkpoint(
         else:
             kwargs["representation_size"] = None
         kwargs["distilled"] = "dist_token" in params  # DeiT's distillation token and head
+    if models.model_class(model_name) is models.SwinTransformer:
+        kwargs["window_size"] = models_swin.checkpoint_window(params)  # a fine-tuned one's 12
     kwargs.update(overrides)
     model = models.get_model(model_name, **kwargs)
     classifier = getattr(model, "classifier", "gap")

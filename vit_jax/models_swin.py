@@ -345,10 +345,15 @@ def resample_for(params: dict[str, Any], model: SwinTransformer, image_size: int
     return relative_positions.resize_relative_tables(params, expected)[0]
 
 
+def checkpoint_window(params: dict[str, Any]) -> int:
+    """The window a Swin checkpoint was trained with: its first table has (2M−1)² rows."""
+    rows = np.shape(params["layers_0_blocks_0"]["attn"][relative_positions.TABLE])[0]
+    return (math.isqrt(rows) + 1) // 2
+
+
 def checkpoint_image_size(params: dict[str, Any], model: SwinTransformer) -> int:
     """The image size a Swin checkpoint is used at unless one is given: the one whose last
     stage is one window (224 for window 7, 384 for window 12), as timm's models are named.
     Only the window is in the params (its tables' size); the resolution is not recorded."""
-    rows = np.shape(params["layers_0_blocks_0"]["attn"][relative_positions.TABLE])[0]
-    window = (math.isqrt(rows) + 1) // 2
+    window = checkpoint_window(params)
     return window * model.patch_size * 2 ** (len(model.depths) - 1)
