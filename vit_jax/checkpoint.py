@@ -52,9 +52,12 @@ _BLOCK_TO_RELEASED = {
     "LayerNorm_1": "LayerNorm_2",
     "MlpBlock_0": "MlpBlock_3",
 }
-# The names the older numbering applies to: Flax's automatic `<ClassName>_<n>` and the encoder's
-# `encoderblock_<n>`. Names a module gives itself (BEiT's `gamma_1`, `gamma_2`) are kept.
+# The names `load` renumbers: Flax's automatic `<ClassName>_<n>` and the encoder's
+# `encoderblock_<n>`, the only numbered names of the released files. Names a module gives itself
+# (BEiT's `gamma_1`, `gamma_2`) are kept. The original's `convert_pre_linen` renumbers every
+# `<name>_<n>` (`_ANY_NUMBERED`); `convert_pre_linen_pytree` keeps that behaviour.
 _NUMBERED = re.compile(r"^([A-Z]\w*|encoderblock)_(\d+)$")
+_ANY_NUMBERED = re.compile(r"^(.*)_(\d+)$")
 _UNROLLED_BLOCK = re.compile(r"^encoderblock_(\d+)$")
 SCANNED_BLOCK = "encoderblock"
 
@@ -223,26 +226,26 @@ def unflatten(flat: Mapping[str, Any], sep: str = "/") -> Params:
     return tree
 
 
-def from_released_numbering(tree: Mapping[str, Any]) -> Params:
+def from_released_numbering(tree: Mapping[str, Any], numbered: re.Pattern = _NUMBERED) -> Params:
     """Renumbers modules per type (`LayerNorm_0, MultiHeadDotProductAttention_1, LayerNorm_2`
     → `LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1`) at every level of the tree.
 
     Within one parent, names `<type>_<n>` of the same type keep their order and are numbered
     0, 1, ... (Flax's automatic `<ClassName>_<n>` names and `encoderblock_<n>`; other names, such
-    as BEiT's `gamma_1`, are not renumbered). A tree already in the current numbering comes back
-    unchanged.
+    as BEiT's `gamma_1`, are not renumbered; `numbered` says which). A tree already in the
+    current numbering comes back unchanged.
     """
     by_type: dict[str, list[tuple[int, str]]] = {}
     for key in tree:
-        match = _NUMBERED.match(key)
+        match = numbered.match(key)
         if match:
             by_type.setdefault(match.group(1), []).append((int(match.group(2)), key))
     renamed = {}
-    for prefix, numbered in by_type.items():
-        for new_index, (_, key) in enumerate(sorted(numbered)):
+    for prefix, keys in by_type.items():
+        for new_index, (_, key) in enumerate(sorted(keys)):
             renamed[key] = f"{prefix}_{new_index}"
     return {
-        renamed.get(key, key): from_released_numbering(value)
+        renamed.get(key, key): from_released_numbering(value, numbered)
         if isinstance(value, Mapping)
         else value
         for key, value in tree.items()
@@ -251,8 +254,8 @@ def from_released_numbering(tree: Mapping[str, Any]) -> Params:
 
 # The original's name for the same renumbering (its checkpoint_test.py calls it).
 def convert_pre_linen_pytree(tree: Mapping[str, Any]) -> Params:
-    """`from_released_numbering` under the original's name."""
-    return from_released_numbering(tree)
+    """The original's renumbering: every `<name>_<n>`, not only Flax's automatic names."""
+    return from_released_numbering(tree, _ANY_NUMBERED)
 
 
 def to_released_numbering(tree: Mapping[str, Any]) -> Params:
