@@ -1,5 +1,6 @@
 """Shared pytest setup, done before jax is imported: 8 fake CPU devices for the multi-device
-tests, and a persistent compilation cache shared by the tests and their subprocesses.
+tests, a persistent compilation cache shared by the tests and their subprocesses, and the
+grouping of tests over pytest-xdist's workers.
 
 Most of the suite's time is XLA compiling the same tiny models and steps again in test after
 test (and in the command-line subprocesses); the cache compiles each once per run. It lives in
@@ -21,6 +22,20 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+# The suite runs on two xdist workers (`-n 2 --dist loadgroup` in pyproject.toml): one per core,
+# since a test mostly compiles or runs a tiny model on one thread. Each module goes to one
+# worker as a whole, so its module-scoped fixtures (trained runs, generated datasets) are made
+# once; the modules that share the session's two-phase reference run share a worker too.
+# (The variables above are set in the controlling process before the workers start, so every
+# worker and subprocess uses the one compilation cache.)
+_SHARED_GROUPS = {"test_multihost": "two_phase_run", "test_train_resume": "two_phase_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        item.add_marker(pytest.mark.xdist_group(_SHARED_GROUPS.get(module, module)))
 
 
 @pytest.fixture(scope="session")
