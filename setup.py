@@ -49,7 +49,14 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # The notebook test runs colab/*.ipynb headlessly, so it needs the notebook extra too.
-        "test": ["pytest>=9.0", "pytest-xdist>=3.6", "ruff>=0.17", *NOTEBOOK, "nbclient>=0.11.0", "nbformat>=5.11.1"],
+        "test": [
+            "pytest>=9.0",
+            "pytest-xdist>=3.6",
+            "ruff>=0.17",
+            *NOTEBOOK,
+            "nbclient>=0.11.0",
+            "nbformat>=5.11.1",
+        ],
         "notebook": NOTEBOOK,
         # An independent reader of the released format, for the interop tests (CPU torch).
         "interop": ["torch==2.13.0", "torchvision==0.28.0", "timm==1.0.31"],

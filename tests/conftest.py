@@ -32,6 +32,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 _SHARED_GROUPS = {"test_multihost": "two_phase_run", "test_train_resume": "two_phase_run"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1]
