@@ -23,6 +23,7 @@ nothing scores about 0.1.
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -91,7 +92,7 @@ def _predict_accuracy(tmp_path, name: str, image_size: int | None, expected_size
     return float(np.mean(logits.argmax(-1) == labels))
 
 
-def test_swin_from_a_timm_checkpoint_fine_tunes_at_a_larger_window(tmp_path, caplog):
+def test_swin_from_a_timm_checkpoint_fine_tunes_at_a_larger_window(tmp_path, caplog, capsys):
     torch.manual_seed(0)
     theirs = timm_swin.SwinTransformer(
         img_size=8, patch_size=2, embed_dim=32, depths=(2,), num_heads=(2,), window_size=2
@@ -102,9 +103,19 @@ def test_swin_from_a_timm_checkpoint_fine_tunes_at_a_larger_window(tmp_path, cap
     assert "(9, 2) → (25, 2)" in caplog.text
     assert metrics["accuracy"] >= SWIN_FLOOR, metrics
     # The same pixels and model as the evaluation: at most one example flips on float rounding.
-    # The window (3) comes from the file's tables; its resolution is not recorded: pass it.
+    # The window (3) comes from the file's tables; the file does not record its resolution.
     accuracy = _predict_accuracy(tmp_path, "testing-swin", 12, expected_size=12)
     assert abs(accuracy - metrics["accuracy"]) <= 1 / DIGITS_TEST
+    # The command line on the workdir: the run's 12 px from its task.json, the window from the
+    # tables, the class names it trained on.
+    digits = [str(tmp_path / f"digit_{i}.png") for i in range(8)]
+    capsys.readouterr()  # the converter's and the run's output so far
+    assert predict.main(["--checkpoint", str(tmp_path / "run"), "--model", "testing-swin",
+                         "--json", "--top_k=1", *digits]) == 0  # fmt: skip
+    printed = json.loads(capsys.readouterr().out)
+    _, labels = indexed_sources._digits_split("test")
+    hits = [r["top_k"][0]["label"] == str(y) for r, y in zip(printed, labels[:8], strict=True)]
+    assert sum(hits) >= 5, printed  # 8 digits at 0.72 or more
 
 
 def test_beit_from_a_timm_checkpoint_fine_tunes_on_a_larger_grid(tmp_path, caplog):

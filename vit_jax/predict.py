@@ -356,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--image_size",
         type=int,
-        help="Input resolution (default: the checkpoint's, from its position table).",
+        help="Input resolution (default: a training workdir's, from its task.json, else the "
+        "checkpoint's: its position table; a Swin file's window × patch × 2^(stages − 1)).",
     )
     parser.add_argument(
         "--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="Images per compiled call."
@@ -455,7 +456,7 @@ def _setup(
     model, params, image_size = prepare_for_prediction(
         params,
         args.model,
-        image_size=args.image_size,
+        image_size=args.image_size or (info or {}).get("image_size"),  # the run's, if any
         num_features=int(info.get("num_features", 0)) if regression else 0,
         **args.overrides,
     )

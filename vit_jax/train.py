@@ -306,8 +306,10 @@ def _setup(
             f"total_steps={config.total_steps}; use a new workdir for a shorter run."
         )
     if multihost.is_main_process():
+        # The resolution too: predict's default for a file that does not record it (Swin).
+        info = {**task.inference_info(), "image_size": config.image_size}
         with open(os.path.join(workdir, tasks.INFO_FILE), "w") as f:
-            json.dump(task.inference_info(), f, indent=1)
+            json.dump(info, f, indent=1)
 
     p_eval_step = make_eval_step(model, task)
     eval_batches = run_config.eval_batches(config, task)
