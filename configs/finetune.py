@@ -75,7 +75,8 @@ BASE_LR = 0.03
 BASE_LR_EXCEPTIONS = {("ViT-B_16", "cifar10"): 0.01}  # (model, dataset): base lr
 
 # The Swin and BEiT authors' fine-tuning of their ImageNet-21k(-fine-tuned) weights, as config keys.
-# Swin (Swin-Transformer's *_22kto1k_finetune.yaml with its config.py defaults): AdamW, base lr
+# Swin (Swin-Transformer's swin_base_*_22kto1k_finetune.yaml files with its config.py defaults;
+# the same recipe is used for every Swin here): AdamW, base lr
 # 2e-5 and min lr 2e-7 per 512 images a step (its main.py scales both by batch / 512), weight
 # decay 1e-8 (not on biases, norms or the relative tables: this optimiser decays kernels only),
 # label smoothing 0.1, mixup 0.8 and cutmix 1.0 (one per batch), gradient clip 5, drop path 0.2,
@@ -104,7 +105,7 @@ BEIT = dict(
     layer_decay=0.85,
     drop_path_rate=0.1,
 )
-BEIT_LARGE = dict(layer_decay=0.9, drop_path_rate=0.4)  # BEiT-L's values of the above
+BEIT_SIZES = {"BEiT-L_16": dict(layer_decay=0.9, drop_path_rate=0.4)}  # L's values of the above
 
 
 def get_config(arg: str = "ViT-B_16,cifar10") -> ml_collections.ConfigDict:
@@ -131,13 +132,11 @@ def get_config(arg: str = "ViT-B_16,cifar10") -> ml_collections.ConfigDict:
     c.eval_every = EVAL_EVERY
     c.pretrained = ""  # set on the command line: a released .npz or a pretraining workdir
     family = models.family(model_name)
+    if family in ("swin", "beit"):
+        recipe = SWIN if family == "swin" else {**BEIT, **BEIT_SIZES.get(model_name, {})}
+        c.update(recipe, optim_dtype="float32")  # AdamW's first moment in float32
     if family == "swin":
-        c.update(SWIN, optim_dtype="float32")
         c.model.window_size = SWIN_WINDOW
-    elif family == "beit":
-        c.update(BEIT, optim_dtype="float32")
-        if model_name == "BEiT-L_16":
-            c.update(BEIT_LARGE)
     return c
 
 
