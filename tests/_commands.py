@@ -20,19 +20,16 @@ REPO = Path(__file__).resolve().parent.parent
 # its compiled programs to the compilation cache (JAX writes from process 0 only).
 MULTIPROCESS_SITE = Path(__file__).resolve().parent / "_multiprocess_site"
 WAIT_SECONDS = 240  # the longest any test command may take
-# For the subprocesses: XLA without LLVM's optimisation passes. Their tiny models run a few dozen
-# steps, and compiling is most of a cold launch (the two-phase run: 52 s → 23 s, with the same
-# printed metrics). Not for the in-process tests: there it slowed test_learns' 1000 steps.
-FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 
 
 def subprocess_env(devices: int) -> dict[str, str]:
     """The environment for a Python subprocess of the tests: CPU only, `devices` fake devices,
-    FAST_COMPILE_FLAG, the repository importable (and the compilation cache of conftest.py,
-    inherited)."""
+    the repository importable (and conftest.py's compilation cache and fast-compiling XLA,
+    inherited: the subprocesses' tiny models run a few dozen steps, and compiling is most of a
+    cold launch)."""
     return {
         **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAG}",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }

@@ -1,10 +1,16 @@
 """Shared pytest setup, done before jax is imported: 8 fake CPU devices for the multi-device
-tests, a persistent compilation cache shared by the tests and their subprocesses, and the
-grouping of tests over pytest-xdist's workers.
+tests, a persistent compilation cache shared by the tests and their subprocesses, XLA without
+its expensive optimisations, and the grouping of tests over pytest-xdist's workers.
 
 Most of the suite's time is XLA compiling the same tiny models and steps again in test after
 test (and in the command-line subprocesses); the cache compiles each once per run. It lives in
 a fresh directory per run, so nothing compiled by an older checkout is ever reused.
+
+Most tests then run their programs for a few steps, so compiling fast matters more than running
+fast: `JAX_DISABLE_MOST_OPTIMIZATIONS` (XLA's backend optimisation level 0 and no expensive LLVM
+passes) is the default for the tests and every subprocess they start. The few tests that train
+for hundreds of steps are marked `@pytest.mark.optimized` and compile with the full
+optimisation, since running is most of their time.
 """
 
 import atexit
@@ -15,6 +21,7 @@ import tempfile
 import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _CACHE = tempfile.mkdtemp(prefix="vit_jax_test_xla_cache_")
@@ -30,6 +37,29 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # (The variables above are set in the controlling process before the workers start, so every
 # worker and subprocess uses the one compilation cache.)
 _SHARED_GROUPS = {"test_multihost": "two_phase_run", "test_train_resume": "two_phase_run"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "optimized: compile this test's programs with XLA's full optimisation"
+    )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Full optimisation for the setup, call and teardown of a test marked `optimized` (and the
+    module fixtures its setup makes); the flag is read by every compile, so it holds for exactly
+    the programs compiled meanwhile."""
+    if item.get_closest_marker("optimized") is None:
+        return (yield)
+    import jax
+
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        return (yield)
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the marks

@@ -27,6 +27,7 @@ import json
 import logging
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from configs import finetune
@@ -92,6 +93,7 @@ def _predict_accuracy(tmp_path, name: str, image_size: int | None, expected_size
     return float(np.mean(logits.argmax(-1) == labels))
 
 
+@pytest.mark.optimized  # hundreds of steps: running, not compiling, is its time
 def test_swin_from_a_timm_checkpoint_fine_tunes_at_a_larger_window(tmp_path, caplog, capsys):
     torch.manual_seed(0)
     theirs = timm_swin.SwinTransformer(
@@ -118,6 +120,7 @@ def test_swin_from_a_timm_checkpoint_fine_tunes_at_a_larger_window(tmp_path, cap
     assert sum(hits) >= 5, printed  # 8 digits at 0.72 or more
 
 
+@pytest.mark.optimized  # hundreds of steps: running, not compiling, is its time
 def test_beit_from_a_timm_checkpoint_fine_tunes_on_a_larger_grid(tmp_path, caplog):
     torch.manual_seed(0)
     theirs = timm_beit.Beit(

@@ -15,6 +15,8 @@ crop: 0.9250, 0.9222, 0.9194 on 2026-12-01, 37 s; 400 steps with crop 0.3: 0.897
 learns nothing scores about 0.1.
 """
 
+import pytest
+
 from configs import default as default_config
 from tests.test_train import DIGITS_TEST
 from vit_jax import train
@@ -40,6 +42,7 @@ def learning_config(seed: int = 0):
     return config
 
 
+@pytest.mark.optimized  # hundreds of steps: running, not compiling, is its time
 def test_training_on_digits_reaches_the_accuracy_floor(tmp_path):
     config = learning_config()
     config.update(total_steps=LEARNS_STEPS, warmup_steps=20, crop_min_area=0.5)

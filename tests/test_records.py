@@ -467,6 +467,7 @@ RECORDS_BATCH = 128
 RECORDS_ACCURACY_FLOOR = 0.78
 
 
+@pytest.mark.optimized  # hundreds of steps: running, not compiling, is its time
 def test_training_from_records_learns_and_resumes_mid_epoch_bit_identically(tmp_path):
     out = tmp_path / "records"
     _prepare(_digits_folder(tmp_path / "digits"), out, shard_size=256)

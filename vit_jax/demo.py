@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -34,11 +35,12 @@ def count_parameters(model: Any, image_size: int = 224) -> int:
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes["params"]))
 
 
-def run(workdir: str) -> dict[str, float]:
-    """Runs the tour; returns the figures it printed (for tests)."""
+def run(workdir: str, names: Sequence[str] | None = None) -> dict[str, float]:
+    """Runs the tour, listing the parameter counts of the zoo models `names` (all by default);
+    returns the figures it printed (for tests)."""
     os.makedirs(workdir, exist_ok=True)
     print(f"{'model':24s} {'params (1000 classes, 224 px; 384 for w12)':>44s}")
-    for name in models.MODEL_CONFIGS:
+    for name in models.MODEL_CONFIGS if names is None else names:
         print(f"{name:24s} {parameter_count(name):>44,d}")
 
     pretrain_model = models.get_model("testing", num_classes=21, representation_size=10)
