@@ -407,8 +407,9 @@ def test_command_line_reports_a_bad_folder_in_one_line(tmp_path):
         text=True,
     )
     assert result.returncode == 2
-    assert f"prepare_data: error: --folder='{tmp_path / 'missing'}' is not a directory." in (
-        result.stderr
+    # one line, without TensorFlow's native start-up notices
+    assert result.stderr == (
+        f"prepare_data: error: --folder='{tmp_path / 'missing'}' is not a directory.\n"
     )
 
 

@@ -31,7 +31,10 @@ import jax
 import numpy as np
 from PIL import Image
 
-from vit_jax import image_folder, models_vit, predict
+from vit_jax import native_notices
+
+with native_notices.hidden_for_command(__name__):  # these import TensorFlow
+    from vit_jax import image_folder, models_vit, predict
 
 _ATTENTION = "MultiHeadDotProductAttention_0"
 

@@ -32,41 +32,16 @@ Multi-host: the same command once per host with --distributed (Cloud TPU pods, S
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
-import os
 import sys
-from collections.abc import Iterator
 from typing import Any, NoReturn
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-
-@contextlib.contextmanager
-def _native_stderr_hidden(hide: bool) -> Iterator[None]:
-    """Sends file descriptor 2 to /dev/null inside (when `hide`).
-
-    TensorFlow's native libraries print notices (oneDNN, absl::InitializeLog) at import, before
-    any log level applies; the console shows them only with --verbose. Python errors raised
-    inside still reach the console: they are printed after the descriptor is restored.
-    """
-    if not hide:
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
+from vit_jax import native_notices
 
 _HIDE_NATIVE_STDERR = "--verbose" not in sys.argv
 
@@ -194,7 +169,7 @@ HOST_FLAGS = (
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with config errors as one line instead of a traceback."""
     try:
-        with _native_stderr_hidden(_HIDE_NATIVE_STDERR):  # a recipe may import TensorFlow
+        with native_notices.stderr_hidden(_HIDE_NATIVE_STDERR):  # a recipe may import TensorFlow
             return flags.FLAGS(argv)
     except flags.Error as e:
         _exit_with(_config_file_message(str(e)))
@@ -220,7 +195,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.INFO)
-    with _native_stderr_hidden(not _VERBOSE.value):
+    with native_notices.stderr_hidden(not _VERBOSE.value):
         # Imported here, not at the top: TensorFlow (through vit_jax.input_pipeline) takes
         # seconds to import, which flag errors and --helpshort need not wait for.
         from vit_jax import run_log, tasks

@@ -39,13 +39,16 @@ import jax
 import numpy as np
 from PIL import Image
 
-from vit_jax import (
-    checkpoint,
-    checkpoint_geometry,
-    input_pipeline,
-    predict_regression,
-    weights_info,
-)
+from vit_jax import native_notices
+
+with native_notices.hidden_for_command(__name__):  # these import TensorFlow
+    from vit_jax import (
+        checkpoint,
+        checkpoint_geometry,
+        input_pipeline,
+        predict_regression,
+        weights_info,
+    )
 
 PARAMS_FILE = checkpoint.PARAMS_FILE  # what a training workdir (or each phase of one) holds
 IMAGENET1K_LABELS_URL = "https://storage.googleapis.com/bit_models/ilsvrc2012_wordnet_lemmas.txt"

@@ -47,8 +47,11 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from vit_jax import image_folder
-from vit_jax import records_format as rf
+from vit_jax import native_notices
+
+with native_notices.hidden_for_command(__name__):  # these import TensorFlow
+    from vit_jax import image_folder
+    from vit_jax import records_format as rf
 
 HOLDOUT_SPLIT = "test"
 _SPLITS = ("train", "test")

@@ -1,0 +1,43 @@
+"""TensorFlow's native start-up notices, kept off the console of the package's commands.
+
+TensorFlow's native libraries print notices at import (`oneDNN custom operations are on`,
+`All log messages before absl::InitializeLog() is called…`) straight to file descriptor 2,
+before any log level applies. The commands (`vit_jax.main`, `predict`, `attention`,
+`prepare_data`) import it inside `hidden_for_command`, so their console shows only their own
+lines; `--verbose` shows the notices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def stderr_hidden(hide: bool = True) -> Iterator[None]:
+    """Sends file descriptor 2 to /dev/null inside (when `hide`).
+
+    Python errors raised inside still reach the console: they are printed after the descriptor
+    is restored.
+    """
+    if not hide:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def hidden_for_command(module_name: str) -> contextlib.AbstractContextManager[None]:
+    """`stderr_hidden` when the module `module_name` (its `__name__`) runs as a command without
+    `--verbose`; nothing when it is imported as a library."""
+    return stderr_hidden(module_name == "__main__" and "--verbose" not in sys.argv)
