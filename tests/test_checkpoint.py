@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
+from tests import _compiled
 from vit_jax import checkpoint, models
 from vit_jax.models_mixer import MlpMixer
 from vit_jax.models_vit import VisionTransformer
@@ -67,14 +68,8 @@ def _init(model, size=32, seed=0):
 
 
 def _initial_params(model, size):
-    """The model's own initial params for a (1, size, size, 3) input, compiled as one program."""
-    x = jnp.zeros((1, size, size, 3))
-    return jax.jit(lambda: model.init(jax.random.PRNGKey(1), x, train=False))()["params"]
-
-
-def _jitted_apply(model, params, x):
-    """The model's logits, compiled as one program (eagerly, every op compiles on its own)."""
-    return jax.jit(lambda p: model.apply({"params": p}, x, train=False))(params)
+    """The model's own initial params for a (1, size, size, 3) input."""
+    return _compiled.init_params(model, jnp.zeros((1, size, size, 3)), seed=1)
 
 
 def _assert_trees_equal(a, b):
@@ -437,7 +432,7 @@ def test_load_pretrained_for_finetuning_at_higher_resolution(tmp_path):
         for part in key.split("/"):
             node_a, node_b = node_a[part], node_b[part]
         _assert_trees_equal({"x": node_a}, {"x": node_b})
-    logits = _jitted_apply(model, params, jnp.zeros((2, 64, 64, 3)))
+    logits = _compiled.apply(model, params, jnp.zeros((2, 64, 64, 3)))
     assert logits.shape == (2, 5)
 
 
@@ -467,7 +462,7 @@ def test_load_pretrained_token_to_gap_and_into_a_scanned_model(tmp_path):
     np.testing.assert_array_equal(
         stacked[1], pretrained["Transformer"]["encoderblock_1"]["LayerNorm_0"]["scale"]
     )
-    assert _jitted_apply(model, params, jnp.zeros((1, 48, 48, 3))).shape == (1, 5)
+    assert _compiled.apply(model, params, jnp.zeros((1, 48, 48, 3))).shape == (1, 5)
 
 
 def test_load_pretrained_reports_every_real_mismatch(tmp_path):
@@ -501,7 +496,7 @@ def test_load_pretrained_gives_head_hidden_a_fresh_init(tmp_path, caplog):
     # A file without head_hidden (as every released one) loads into a model with it.
     path, pretrained = _pretrained_file(tmp_path)
     model = _head_hidden_model()
-    init = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+    init = _initial_params(model, 32)
     with caplog.at_level("INFO"):
         params = checkpoint.load_pretrained(pretrained_path=path, init_params=init)
     assert "head_hidden from init_params (fresh init; not in the checkpoint)" in caplog.text
@@ -509,7 +504,7 @@ def test_load_pretrained_gives_head_hidden_a_fresh_init(tmp_path, caplog):
     _assert_trees_equal(params["head"], init["head"])
     _assert_trees_equal(params["pre_logits"], pretrained["pre_logits"])
     _assert_trees_equal(params["Transformer"], pretrained["Transformer"])
-    assert model.apply({"params": params}, jnp.zeros((2, 32, 32, 3)), train=False).shape == (2, 1)
+    assert _compiled.apply(model, params, jnp.zeros((2, 32, 32, 3))).shape == (2, 1)
 
 
 def test_load_pretrained_replaces_or_drops_a_checkpoints_head_hidden(tmp_path, caplog):
@@ -518,7 +513,7 @@ def test_load_pretrained_replaces_or_drops_a_checkpoints_head_hidden(tmp_path, c
     checkpoint.save(trained, path)
     # Into a model with a head_hidden of another width: the fresh one, whatever the file has.
     model = _head_hidden_model(num_classes=1, head_hidden_size=8)
-    init = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+    init = _initial_params(model, 32)
     with caplog.at_level("INFO"):
         params = checkpoint.load_pretrained(pretrained_path=path, init_params=init)
     assert "head_hidden from init_params (fresh init; replaces the checkpoint's)" in caplog.text
@@ -526,7 +521,7 @@ def test_load_pretrained_replaces_or_drops_a_checkpoints_head_hidden(tmp_path, c
     _assert_trees_equal(params["pre_logits"], trained["pre_logits"])
     # Into a model without one: dropped, and logged.
     plain = _tiny_vit(num_classes=2, representation_size=16)
-    init = plain.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+    init = _initial_params(plain, 32)
     caplog.clear()
     with caplog.at_level("INFO"):
         params = checkpoint.load_pretrained(pretrained_path=path, init_params=init)
@@ -574,7 +569,7 @@ def test_load_pretrained_distilled_into_distilled_at_higher_resolution(tmp_path)
     path, pretrained = _distilled_file(tmp_path)
     assert set(checkpoint.load(path)) >= {"cls", "dist_token", "head_dist"}  # saved and read
     model = _tiny_vit(num_classes=5, distilled=True)
-    init = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 64, 64, 3)), train=False)["params"]
+    init = _initial_params(model, 64)
     params = checkpoint.load_pretrained(pretrained_path=path, init_params=init)
     old = _posemb(pretrained)
     assert old.shape == (1, 2 + 4 * 4, 16) and _posemb(params).shape == (1, 2 + 8 * 8, 16)
@@ -583,14 +578,17 @@ def test_load_pretrained_distilled_into_distilled_at_higher_resolution(tmp_path)
     _assert_trees_equal({"x": params["dist_token"]}, {"x": pretrained["dist_token"]})
     _assert_trees_equal(params["head_dist"], init["head_dist"])  # a new task's head: fresh
     _assert_trees_equal(params["head"], init["head"])
-    cls_logits, dist_logits = model.apply({"params": params}, jnp.zeros((2, 64, 64, 3)), train=True)
+    train_apply = jax.jit(
+        lambda p: model.apply({"params": p}, jnp.zeros((2, 64, 64, 3)), train=True)
+    )
+    cls_logits, dist_logits = train_apply(params)
     assert cls_logits.shape == dist_logits.shape == (2, 5)
 
 
 def test_load_pretrained_distilled_into_plain_drops_the_token_and_says_so(tmp_path, caplog):
     path, pretrained = _distilled_file(tmp_path)
     model = _tiny_vit(num_classes=5)
-    init = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+    init = _initial_params(model, 32)
     with caplog.at_level("WARNING"):
         params = checkpoint.load_pretrained(pretrained_path=path, init_params=init)
     assert "checkpoint is distilled but the model is not" in caplog.text
@@ -599,13 +597,13 @@ def test_load_pretrained_distilled_into_plain_drops_the_token_and_says_so(tmp_pa
     old = _posemb(pretrained)
     np.testing.assert_array_equal(_posemb(params), old[:, [0, *range(2, 2 + 16)]])
     _assert_trees_equal({"x": params["cls"]}, {"x": pretrained["cls"]})
-    assert model.apply({"params": params}, jnp.zeros((2, 32, 32, 3)), train=False).shape == (2, 5)
+    assert _compiled.apply(model, params, jnp.zeros((2, 32, 32, 3))).shape == (2, 5)
 
 
 def test_load_pretrained_plain_into_distilled_inits_the_token_and_says_so(tmp_path, caplog):
     path, pretrained = _pretrained_file(tmp_path)  # a plain ViT with pre_logits
     model = _tiny_vit(num_classes=5, representation_size=16, distilled=True)
-    init = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+    init = _initial_params(model, 32)
     with caplog.at_level("WARNING"):
         params = checkpoint.load_pretrained(pretrained_path=path, init_params=init)
     assert "model is distilled but the checkpoint is not" in caplog.text

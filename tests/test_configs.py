@@ -7,13 +7,13 @@ devices; the recipe numbers are those of the ViT paper and the original vit_jax 
 import math
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import common, finetune, pretrain
 from configs import default as default_config
+from tests import _compiled
 from vit_jax import checkpoint, models, predict, run_config, train
 
 POOLING = ("token", "gap")  # classifiers a recipe can train (unpooled models return tokens)
@@ -239,7 +239,7 @@ def _released_mixer_file(tmp_path, image_size):
     config = _small_mixer_preset()
     model = models.MlpMixer(num_classes=1000, **config.model)
     images = jnp.zeros((1, image_size, image_size, 3))
-    params = model.init(jax.random.PRNGKey(1), images, train=False)["params"]
+    params = _compiled.init_params(model, images, seed=1)
     path = tmp_path / "Mixer-B_16.npz"
     checkpoint.save(params, path)
     return path, params

@@ -466,6 +466,7 @@ def _digits_folder(root):
 RECORDS_STEPS = 300
 RECORDS_BATCH = 128
 RECORDS_ACCURACY_FLOOR = 0.78
+RECORDS_RESUME_STEP = 290  # mid-epoch: an epoch is 1437 / 128 = 11.2 steps
 
 
 @pytest.mark.optimized  # hundreds of steps: running, not compiling, is its time
@@ -478,22 +479,22 @@ def test_training_from_records_learns_and_resumes_mid_epoch_bit_identically(tmp_
         batch_size=RECORDS_BATCH,
         total_steps=RECORDS_STEPS,
         log_every=RECORDS_STEPS,
-        checkpoint_every=RECORDS_STEPS // 2,
+        checkpoint_every=RECORDS_RESUME_STEP // 2,  # and the last step
         keep_checkpoints=2,
     )
     state, metrics = train.train_and_evaluate(config, str(tmp_path / "run"))
     assert metrics["count"] == 360
     assert metrics["accuracy"] >= RECORDS_ACCURACY_FLOOR, metrics
 
-    # Killed after the checkpoint of step 150 (mid-epoch: an epoch is 1437 / 128 = 11.2 steps
-    # and 150 is not a multiple of it): the rerun resumes there and ends bit-identical.
+    # Killed after the checkpoint of step RECORDS_RESUME_STEP (not a multiple of the epoch's
+    # 11.2 steps): the rerun resumes there, mid-epoch, and ends bit-identical.
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(tmp_path / "run", resumed_dir)
     shutil.rmtree(resumed_dir / train.CHECKPOINT_DIR / str(RECORDS_STEPS))
     os.remove(resumed_dir / train.PARAMS_FILE)
     resumed, resumed_metrics = train.train_and_evaluate(config, str(resumed_dir))
     log = (resumed_dir / train.LOG_FILE).read_text()
-    assert f"Resuming from the checkpoint of step {RECORDS_STEPS // 2}" in log
+    assert f"Resuming from the checkpoint of step {RECORDS_RESUME_STEP}" in log
     for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(state.params), strict=True):
         np.testing.assert_array_equal(a, b)
     assert resumed_metrics == metrics

@@ -147,6 +147,7 @@ def test_regression_config_errors_name_the_key(overrides, message):
         run_config.validate_config(config, 8, 8)
 
 
+@pytest.mark.optimized  # hundreds of steps: running, not compiling, is its time
 def test_digits_as_regression_beat_the_mean_and_keep_the_best(tmp_path):
     """The digit's value as the target: RMSE far below predicting the mean (2.87).
 

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from configs import default as default_config
+from tests import _compiled
 from tests.test_train import train_scalars
 from vit_jax import (
     checkpoint,
@@ -150,24 +151,21 @@ def _task_and_model(config):
     task = tasks.make_task(config, _Info())
     model = task.wrap_model(run_config.make_model(config, **task.head()))
     images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
-    params = model.init(jax.random.PRNGKey(0), images, train=False)["params"]
-    return task, model, params, images
+    return task, model, _compiled.init_params(model, images), images
 
 
 def test_mae_encoder_never_sees_the_masked_patches():
     _, model, params, images = _task_and_model(_config("mae"))
     assert set(params) == {"encoder", "decoder"}
     assert {"embedding", "cls", "Transformer"} == set(params["encoder"])  # the ViT's names
-    (pred, mask), state = model.apply(
-        {"params": params}, images, train=False, mutable=["intermediates"]
-    )
+    (pred, mask), state = _compiled.apply(model, params, images, mutable=["intermediates"])
     encoded = state["intermediates"]["encoder"]["encoded"][0]
     assert encoded.shape == (2, 1 + 4, 32)  # the class token and 4 of 16 patches
     assert pred.shape == (2, 16, 48) and float(mask.sum()) == 2 * 12
     # Repaint every masked patch: the prediction cannot change (nothing sees them).
     masked = models_ssl.unpatchify(mask[..., None] * jnp.ones((2, 16, 48)), 4, (4, 4)) > 0
     repainted = jnp.where(masked, -images, images)
-    pred2, mask2 = model.apply({"params": params}, repainted, train=False)
+    pred2, mask2 = _compiled.apply(model, params, repainted)
     np.testing.assert_array_equal(mask2, mask)
     np.testing.assert_allclose(pred2, pred, atol=1e-6)
     assert not np.allclose(repainted, images)
@@ -175,7 +173,7 @@ def test_mae_encoder_never_sees_the_masked_patches():
 
 def test_mae_loss_counts_the_masked_patches_only():
     task, model, params, images = _task_and_model(_config("mae", **{"mae.norm_pix_loss": False}))
-    pred, mask = model.apply({"params": params}, images, train=False)
+    pred, mask = _compiled.apply(model, params, images)
     loss = task.reconstruction_loss(images, pred, mask)
     target = models_ssl.patchify(images, 4)
     by_hand = [
@@ -201,7 +199,7 @@ def test_mae_loss_counts_the_masked_patches_only():
 def test_mpp_predicts_every_corrupted_patch_from_its_token():
     task, model, params, images = _task_and_model(_config("mpp"))
     assert set(params) == {"encoder", "mask_token", "mpp_head"}
-    outputs, corrupted = model.apply({"params": params}, images, train=False)
+    outputs, corrupted = _compiled.apply(model, params, images)
     assert outputs.shape == (2, 16, 512) and float(corrupted.sum()) == 16
     values = task.patch_losses(images, outputs, corrupted)
     classes = models_ssl.color_targets(images, 4)[..., 0]

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import _compiled
 from vit_jax import models_swin, timm_weights
 
 M = models_swin.MASK_VALUE
@@ -70,16 +71,12 @@ def test_drop_path_changes_training_outputs_only():
         drop_path_rate=0.5,
     )  # fmt: skip
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 16, 16, 3)), jnp.float32)
-    params = model.init(jax.random.PRNGKey(0), x, train=False)["params"]
+    params = _compiled.init_params(model, x)
     plain = model.clone(drop_path_rate=0.0)
-    np.testing.assert_allclose(
-        model.apply({"params": params}, x, train=False),
-        plain.apply({"params": params}, x, train=False),
-    )
-    dropped = model.apply(
-        {"params": params}, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)}
-    )
-    assert not np.allclose(dropped, plain.apply({"params": params}, x, train=False))
+    plain_out = _compiled.apply(plain, params, x)
+    np.testing.assert_allclose(_compiled.apply(model, params, x), plain_out)
+    dropped = _compiled.apply(model, params, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+    assert not np.allclose(dropped, plain_out)
 
 
 def test_the_converter_names_every_unknown_key():
