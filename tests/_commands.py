@@ -8,6 +8,7 @@ conftest.py reaches the subprocesses through the environment.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,15 +21,36 @@ REPO = Path(__file__).resolve().parent.parent
 # its compiled programs to the compilation cache (JAX writes from process 0 only).
 MULTIPROCESS_SITE = Path(__file__).resolve().parent / "_multiprocess_site"
 WAIT_SECONDS = 240  # the longest any test command may take
+SHARED_IMAGES = REPO / ".." / "shared" / "data" / "images"
+# A line of TensorFlow's or XLA's native logging (`W0000 00:00:1796604084.875132 2573 png_io.cc:96]
+# …`), or absl's preface to the first of them.
+_NATIVE_LOG_LINE = re.compile(
+    r"^([IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ |WARNING: All log messages before)"
+)
+
+
+def png_libpng_warns_about() -> Path:
+    """A shared photo whose embedded colour profile makes libpng warn at every decode ("iCCP:
+    known incorrect sRGB profile"), through TensorFlow's native logging: the run-time native
+    warning a command's console must not show."""
+    found = [p for p in sorted(SHARED_IMAGES.glob("*.png")) if b"iCCP" in p.read_bytes()]
+    assert found, f"no PNG with an iCCP colour profile in {SHARED_IMAGES} (shared test data)"
+    return found[0]
+
+
+def native_log_lines(stderr: str) -> list[str]:
+    """The lines of `stderr` that native code logged rather than the command."""
+    return [line for line in stderr.splitlines() if _NATIVE_LOG_LINE.match(line)]
 
 
 def subprocess_env(devices: int) -> dict[str, str]:
     """The environment for a Python subprocess of the tests: CPU only, `devices` fake devices,
     the repository importable (and conftest.py's compilation cache and fast-compiling XLA,
     inherited: the subprocesses' tiny models run a few dozen steps, and compiling is most of a
-    cold launch)."""
+    cold launch). Without `TF_CPP_MIN_LOG_LEVEL`, as in a user's shell: jax sets it in this
+    process when imported, and the commands choose their own."""
     return {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"},
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),

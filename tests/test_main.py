@@ -3,6 +3,7 @@
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -16,7 +17,7 @@ with warnings.catch_warnings():  # ml_collections loads the default config with 
     warnings.filterwarnings("ignore", "the load_module", DeprecationWarning)
     from vit_jax import main
 
-from tests._commands import REPO, subprocess_env
+from tests._commands import REPO, native_log_lines, png_libpng_warns_about, subprocess_env
 
 TIMEOUT_S = 120  # generous: the subprocess imports jax and TensorFlow on a busy 2-core CPU
 
@@ -82,7 +83,8 @@ def test_unknown_config_key_message_names_the_flag():
 
 
 def _tiny_folder_run(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
-    """A 2-step fine-tuning of the tiny model on a 2-class folder of random 12 px images."""
+    """A 2-step fine-tuning of the tiny model on a 2-class folder of random 12 px images, and
+    in the training split one photo whose decoding makes libpng warn."""
     rng = np.random.default_rng(0)
     for split, count in (("train", 3), ("test", 2)):
         for label in ("a", "b"):
@@ -90,6 +92,7 @@ def _tiny_folder_run(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
             for i in range(count):
                 image = Image.fromarray(rng.integers(0, 256, (12, 12, 3), np.uint8))
                 image.save(tmp_path / "data" / split / label / f"{i}.png")
+    shutil.copy(png_libpng_warns_about(), tmp_path / "data" / "train" / "a" / "photo.png")
     return _cli(
         f"--workdir={tmp_path / 'run'}",
         f"--config=configs/finetune.py:testing,folder:{tmp_path / 'data'}",
@@ -122,6 +125,7 @@ def test_a_tiny_fine_tuning_run_prints_the_final_accuracy(tmp_path):
     ), lines[:3]
     chatter = ("orbax", "CheckpointManager", "oneDNN", "absl::InitializeLog", "Hyperparameters")
     assert not [line for line in lines if any(word in line for word in chatter)], lines
+    assert not native_log_lines(result.stderr), lines  # libpng's warning on the photo, say
     assert any(re.search(r"\[2\] train/grad_norm=.*train/loss=", line) for line in lines)
     assert any(re.search(r"step 2 eval accuracy=", line) for line in lines)
 

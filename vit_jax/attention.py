@@ -26,12 +26,12 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from vit_jax import native_notices  # isort: skip  (before jax: its native log level)
+
 import flax.linen as nn
 import jax
 import numpy as np
 from PIL import Image
-
-from vit_jax import native_notices
 
 with native_notices.hidden_for_command(__name__):  # these import TensorFlow
     from vit_jax import image_folder, models_vit, predict

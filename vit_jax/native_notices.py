@@ -5,6 +5,15 @@ TensorFlow's native libraries print notices at import (`oneDNN custom operations
 before any log level applies. The commands (`vit_jax.main`, `predict`, `attention`,
 `prepare_data`) import it inside `hidden_for_command`, so their console shows only their own
 lines; `--verbose` shows the notices.
+
+After import, the native code still logs warnings to the console at run time: libpng's
+"iCCP: known incorrect sRGB profile" at every decode of such a PNG, for one, with absl's
+"before InitializeLog" preface when it is the process's first native log (as it is on CPUs
+where TensorFlow prints no oneDNN notice at import). So when a `vit_jax` module runs as a
+command without `--verbose`, importing this module sets the native log level to errors only
+(`TF_CPP_MIN_LOG_LEVEL=2`, unless it is set already). Importing jax sets it to 1 (warnings
+shown) unless it is set, and TensorFlow reads it when it loads, so a command imports this
+module before jax.
 """
 
 from __future__ import annotations
@@ -13,6 +22,16 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
+
+
+def _runs_as_command() -> bool:
+    """Whether the program is a `vit_jax` module run with `python -m` (not a library user's)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec is not None and spec.name.startswith("vit_jax.")
+
+
+if _runs_as_command() and "--verbose" not in sys.argv:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # native errors still show
 
 
 @contextlib.contextmanager

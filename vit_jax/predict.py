@@ -34,12 +34,12 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TextIO
 
+from vit_jax import native_notices  # isort: skip  (before jax: its native log level)
+
 import flax.linen as nn
 import jax
 import numpy as np
 from PIL import Image
-
-from vit_jax import native_notices
 
 with native_notices.hidden_for_command(__name__):  # these import TensorFlow
     from vit_jax import (
