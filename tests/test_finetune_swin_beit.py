@@ -10,15 +10,17 @@ new resolution, so `load_pretrained` resamples the relative position tables:
 - Swin: checkpoint at 8 px with window 2 (table 3² rows) → 12 px with window 3 (5² rows); the
   6 × 6 grid is four windows, every second block shifted with the attention mask;
 - BEiT: checkpoint at 32 px (2 × 2 grid, 3² + 3 rows) → 48 px (3 × 3 grid, 5² + 3 rows).
-Shrunk to a test: batch 128, 300 steps, base lr 0.01 (the recipe's 2e-5 is for ImageNet-21k
+Shrunk to a test: batch 64, 300 steps, base lr 0.01 (the recipe's 2e-5 is for ImageNet-21k
 weights, these are random), no mixup/cutmix and no crop-scale augmentation (`crop_min_area=1`):
 in 300 steps they cost most of the accuracy (measured, Swin at lr 0.01 without smoothing or drop
 path: 0.38 with the default crop, 0.85 without).
 
-Measured on the AVX512-BF16 kind (2-core AMD EPYC, Zen 4; 8 fake devices), 2026-12-03, config
-seeds 0, 1, 2: Swin test accuracy 0.844, 0.836, 0.806 (23 s in pytest); BEiT 0.861, 0.869,
-0.869 (17 s). The floors sit about 0.09 under the worst seed (30 test examples); a model that learns
-nothing scores about 0.1.
+Measured on the AVX2-only kind (2-core AMD EPYC without AVX512; 8 fake devices), 2026-12-07,
+config seeds 0, 1, 2: Swin test accuracy 0.792, 0.786, 0.794 (14–15 s each once compiled,
+outside pytest); BEiT 0.817, 0.806, 0.822 (9 s). Batch 128 gave Swin 0.806–0.844 and BEiT
+0.861–0.869 (AVX512-BF16 kind, 2026-12-03) in about 1.6× the time; 150 steps of batch 128 at
+lr 0.01 or 0.02 gave Swin 0.46–0.78. The floors sit 0.086 under the worst seed (31 test
+examples); a model that learns nothing scores about 0.1.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import pytest
 from PIL import Image
 
 from configs import finetune
+from tests import _compiled
 from tests._torchvision_shim import require_timm
 from tests.test_train import DIGITS_TEST
 from vit_jax import indexed_sources, predict, timm_weights, train
@@ -40,8 +43,8 @@ from safetensors.torch import save_file  # noqa: E402
 from timm.models import beit as timm_beit  # noqa: E402
 from timm.models import swin_transformer as timm_swin  # noqa: E402
 
-SWIN_FLOOR = 0.72
-BEIT_FLOOR = 0.77
+SWIN_FLOOR = 0.70
+BEIT_FLOOR = 0.72
 
 
 def _converted(tmp_path, model, name: str) -> str:
@@ -61,7 +64,7 @@ def _fine_tune(tmp_path, name: str, pretrained: str, image_size: int, caplog, **
         train_split="train",
         test_split="test",
         image_size=image_size,
-        batch_size=128,
+        batch_size=64,
         total_steps=300,
         warmup_steps=30,
         base_lr=0.01,
@@ -89,7 +92,7 @@ def _predict_accuracy(tmp_path, name: str, image_size: int | None, expected_size
     model, params, size = predict.load_for_prediction(tmp_path / "run", name, image_size=image_size)
     assert size == expected_size
     batch = np.stack([predict.load_image(p, size) for p in paths])
-    logits = np.asarray(model.apply({"params": params}, batch, train=False))
+    logits = np.asarray(_compiled.apply(model, params, batch))
     return float(np.mean(logits.argmax(-1) == labels))
 
 
@@ -117,7 +120,7 @@ def test_swin_from_a_timm_checkpoint_fine_tunes_at_a_larger_window(tmp_path, cap
     printed = json.loads(capsys.readouterr().out)
     _, labels = indexed_sources._digits_split("test")
     hits = [r["top_k"][0]["label"] == str(y) for r, y in zip(printed, labels[:8], strict=True)]
-    assert sum(hits) >= 5, printed  # 8 digits at 0.72 or more
+    assert sum(hits) >= 5, printed  # 8 digits at 0.70 or more
 
 
 @pytest.mark.optimized  # hundreds of steps: running, not compiling, is its time

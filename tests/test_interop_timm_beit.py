@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tests import _compiled
 from tests._torchvision_shim import require_timm
 from vit_jax import demo, models, relative_positions, timm_weights
 
@@ -42,7 +43,7 @@ def test_converted_beit_gives_timms_logits_at_224_and_resampled_at_384():
     images = np.random.default_rng(0).uniform(-1, 1, (2, 224, 224, 3)).astype(np.float32)
     want = _logits(theirs, images)
     assert np.abs(want).max() > 0.1
-    got = np.asarray(ours.apply({"params": params}, images, train=False))
+    got = np.asarray(_compiled.apply(ours, params, images))
     assert np.abs(got - want).max() <= ATOL
 
     bigger = timm.create_model(
@@ -57,7 +58,7 @@ def test_converted_beit_gives_timms_logits_at_224_and_resampled_at_384():
     table, old = (t["blocks_0"]["attn"][relative_positions.TABLE] for t in (resized, params))
     np.testing.assert_array_equal(table[-3:], old[-3:])  # the class-token rows carried across
     images = np.random.default_rng(1).uniform(-1, 1, (1, 384, 384, 3)).astype(np.float32)
-    got = np.asarray(ours.apply({"params": resized}, images, train=False))
+    got = np.asarray(_compiled.apply(ours, resized, images))
     assert np.abs(got - _logits(bigger, images)).max() <= ATOL
 
 

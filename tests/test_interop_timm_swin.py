@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import _compiled
 from tests._torchvision_shim import require_timm
 from vit_jax import demo, models_swin, timm_weights
 
@@ -46,7 +47,7 @@ def test_converted_random_weights_give_timms_logits(image, window):
     )["params"]
     assert jax.tree.map(lambda a: a.shape, expected) == jax.tree.map(np.shape, params)
     images = np.random.default_rng(1).uniform(-1, 1, (3, image, image, 3)).astype(np.float32)
-    got = np.asarray(ours.apply({"params": params}, images, train=False))
+    got = np.asarray(_compiled.apply(ours, params, images))
     with torch.no_grad():
         want = theirs(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
     assert np.abs(want).max() > 0.1
@@ -86,7 +87,7 @@ def test_a_new_window_resamples_the_bias_tables_as_timm_does():
     table = params["layers_0_blocks_1"]["attn"]["relative_position_bias_table"]
     assert table.shape == (23 * 23, 2)
     images = np.random.default_rng(2).uniform(-1, 1, (2, 96, 96, 3)).astype(np.float32)
-    got = np.asarray(ours.apply({"params": params}, images, train=False))
+    got = np.asarray(_compiled.apply(ours, params, images))
     with torch.no_grad():
         want = new(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
     assert np.abs(want).max() > 0.1
