@@ -491,7 +491,7 @@ def test_training_from_records_learns_and_resumes_mid_epoch_bit_identically(tmp_
     assert metrics["accuracy"] >= RECORDS_ACCURACY_FLOOR, metrics
 
     # Killed after the checkpoint of step RECORDS_RESUME_STEP (not a multiple of the epoch's
-    # 11.2 steps): the rerun resumes there, mid-epoch, and ends bit-identical.
+    # 22.5 steps): the rerun resumes there, mid-epoch, and ends bit-identical.
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(tmp_path / "run", resumed_dir)
     shutil.rmtree(resumed_dir / train.CHECKPOINT_DIR / str(RECORDS_STEPS))

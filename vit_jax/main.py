@@ -43,7 +43,7 @@ from ml_collections import config_flags
 
 from vit_jax import native_notices
 
-_HIDE_NATIVE_STDERR = "--verbose" not in sys.argv
+_HIDE_NATIVE_STDERR = not native_notices.verbose_requested()
 
 
 def default_config_path() -> str:

@@ -2,9 +2,9 @@
 
 TensorFlow's native libraries print notices at import (`oneDNN custom operations are on`,
 `All log messages before absl::InitializeLog() is called…`) straight to file descriptor 2,
-before any log level applies. The commands (`vit_jax.main`, `predict`, `attention`,
-`prepare_data`) import it inside `hidden_for_command`, so their console shows only their own
-lines; `--verbose` shows the notices.
+where Python's stderr redirection does not reach them. The commands (`vit_jax.main`,
+`predict`, `attention`, `prepare_data`) import it inside `hidden_for_command`, so their console
+shows only their own lines; `--verbose` shows the notices.
 
 After import, the native code still logs warnings to the console at run time: libpng's
 "iCCP: known incorrect sRGB profile" at every decode of such a PNG, for one, with absl's
@@ -30,7 +30,13 @@ def _runs_as_command() -> bool:
     return spec is not None and spec.name.startswith("vit_jax.")
 
 
-if _runs_as_command() and "--verbose" not in sys.argv:
+def verbose_requested() -> bool:
+    """`--verbose` on the command line, read before the flags are parsed (the notices come at
+    import, before a flag parser runs)."""
+    return "--verbose" in sys.argv
+
+
+if _runs_as_command() and not verbose_requested():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # native errors still show
 
 
@@ -59,4 +65,4 @@ def stderr_hidden(hide: bool = True) -> Iterator[None]:
 def hidden_for_command(module_name: str) -> contextlib.AbstractContextManager[None]:
     """`stderr_hidden` when the module `module_name` (its `__name__`) runs as a command without
     `--verbose`; nothing when it is imported as a library."""
-    return stderr_hidden(module_name == "__main__" and "--verbose" not in sys.argv)
+    return stderr_hidden(module_name == "__main__" and not verbose_requested())
