@@ -1,5 +1,6 @@
 """The command line `python -m vit_jax.main`: config errors in one line, positional args, a run."""
 
+import ast
 import importlib.util
 import os
 import re
@@ -177,3 +178,25 @@ def test_helpshort_says_how_configs_presets_and_overrides_work():
         "--workdir",
     ):
         assert needed in text, needed
+
+
+# The commands that read images, whose native log level native_notices sets when imported first.
+_IMAGE_COMMANDS = ("main", "predict", "attention", "prepare_data", "fewshot")
+
+
+@pytest.mark.parametrize("name", _IMAGE_COMMANDS)
+def test_a_command_imports_native_notices_before_jax_and_tensorflow(name):
+    """jax sets TensorFlow's native log level at import (warnings on) unless it is set, so a
+    command's quiet console depends on importing native_notices first (test_predict and the
+    tiny folder run above check the console itself for two of them)."""
+    tree = ast.parse((REPO / "vit_jax" / f"{name}.py").read_text())
+    modules = []  # the module-level imports, in order
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            modules += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [f"{node.module}.{alias.name}" for alias in node.names]
+            modules += names if node.module == "vit_jax" else [node.module]
+    loads_jax = ("jax", "flax", "optax", "tensorflow", "vit_jax.")
+    first = next(i for i, m in enumerate(modules) if m.startswith(loads_jax))
+    assert modules[first] == "vit_jax.native_notices", modules

@@ -26,6 +26,8 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from vit_jax import native_notices  # isort: skip  (before jax: its native log level)
+
 import jax
 import ml_collections
 import numpy as np
@@ -236,7 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _overrides(text: str) -> dict[str, Any]:
     """argparse type of --overrides: predict's JSON object, without num_classes."""
-    from vit_jax import predict
+    with native_notices.hidden_for_command(__name__):  # predict imports TensorFlow
+        from vit_jax import predict
 
     overrides = predict.parse_overrides(text)
     if "num_classes" in overrides:
@@ -255,7 +258,8 @@ def _parse_shots(text: str) -> tuple[int, ...]:
 
 
 def _run(args: argparse.Namespace) -> dict[str, float]:
-    from vit_jax import input_pipeline, steps  # TensorFlow: after the flags are parsed
+    with native_notices.hidden_for_command(__name__):  # TensorFlow: after the flags are parsed
+        from vit_jax import input_pipeline, steps
 
     shots = _parse_shots(args.shots)
     overrides = args.overrides

@@ -2,9 +2,10 @@
 
 TensorFlow's native libraries print notices at import (`oneDNN custom operations are on`,
 `All log messages before absl::InitializeLog() is called…`) straight to file descriptor 2,
-where Python's stderr redirection does not reach them. The commands (`vit_jax.main`,
-`predict`, `attention`, `prepare_data`) import it inside `hidden_for_command`, so their console
-shows only their own lines; `--verbose` shows the notices.
+where Python's stderr redirection does not reach them. The commands that read images
+(`vit_jax.main`, `predict`, `attention`, `prepare_data`, `fewshot`) import it inside
+`hidden_for_command`, so their console shows only their own lines; `--verbose` shows the
+notices.
 
 After import, the native code still logs warnings to the console at run time: libpng's
 "iCCP: known incorrect sRGB profile" at every decode of such a PNG, for one, with absl's
