@@ -21,6 +21,11 @@ REPO = Path(__file__).resolve().parent.parent
 # its compiled programs to the compilation cache (JAX writes from process 0 only).
 MULTIPROCESS_SITE = Path(__file__).resolve().parent / "_multiprocess_site"
 WAIT_SECONDS = 240  # the longest any test command may take
+# XLA's CPU runtime runs each matmul on its own thread pool, one thread per core. The suite
+# already keeps both cores busy with one process each (two xdist workers, or a worker and the
+# command it waits for), so a pool per process only adds threads that spin and contend for
+# the same cores: the tests and their subprocesses run XLA's ops on the calling thread.
+SINGLE_THREADED_XLA = "--xla_cpu_multi_thread_eigen=false"
 SHARED_IMAGES = REPO / ".." / "shared" / "data" / "images"
 # A line of TensorFlow's or XLA's native logging (`W0000 00:00:1796604084.875132 2573 png_io.cc:96]
 # …`: before absl's logging is initialised, the time field is seconds since the epoch), or
@@ -43,6 +48,11 @@ def native_log_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if _NATIVE_LOG_LINE.match(line)]
 
 
+def xla_flags(devices: int) -> str:
+    """`XLA_FLAGS` for a test process on `devices` fake CPU devices."""
+    return f"--xla_force_host_platform_device_count={devices} {SINGLE_THREADED_XLA}"
+
+
 def subprocess_env(devices: int) -> dict[str, str]:
     """The environment for a Python subprocess of the tests: CPU only, `devices` fake devices,
     the repository importable (and conftest.py's compilation cache and fast-compiling XLA,
@@ -51,7 +61,7 @@ def subprocess_env(devices: int) -> dict[str, str]:
     process when imported, and the commands choose their own."""
     return {
         **{k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"},
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": xla_flags(devices),
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }

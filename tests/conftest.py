@@ -1,6 +1,7 @@
 """Shared pytest setup, done before jax is imported: 8 fake CPU devices for the multi-device
 tests, a persistent compilation cache shared by the tests and their subprocesses, XLA without
-its expensive optimisations, and the grouping of tests over pytest-xdist's workers.
+its expensive optimisations and its per-process matmul thread pool (tests/_commands.py says
+why), and the grouping of tests over pytest-xdist's workers.
 
 Most of the suite's time is XLA compiling the same tiny models and steps again in test after
 test (and in the command-line subprocesses); the cache compiles each once per run. It lives in
@@ -20,7 +21,9 @@ import tempfile
 
 import pytest
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from tests._commands import xla_flags  # the standard library only: jax is not imported
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(devices=8))
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
