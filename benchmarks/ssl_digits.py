@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 from configs import common
-from vit_jax import checkpoint, run_config, steps, train
+from vit_jax import checkpoint, run_config, run_data, steps, train
 
 IMAGE_SIZE = 16
 ENCODER = {
@@ -64,7 +64,7 @@ def pretrain_config(task: str, steps_: int, seed: int):
 def fewshot_of(config, params) -> dict[str, float]:
     """Few-shot accuracies of `params`' pooled features (shots from the train split)."""
     config.fewshot.update(every=1, shots=SHOTS, seeds=5)
-    return run_config.fewshot_evaluator(config)(steps.replicate(params))
+    return run_data.fewshot_evaluator(config)(steps.replicate(params))
 
 
 def main(argv=None) -> None:

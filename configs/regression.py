@@ -31,13 +31,13 @@ import ml_collections
 
 from configs import common
 from vit_jax import models
+from vit_jax.csv_dataset import CSV_PREFIX
 
 IMAGE_SIZE = 224  # rounded up to a multiple of the model's patch
 BATCH_SIZE = 128
 TRAIN_IMAGES = 7_930  # Pawpularity's 9,912 training rows less one validation fold of five
 EPOCHS = 10
 HEAD_HIDDEN_SIZE = 128
-CSV = "csv:"  # input_pipeline.CSV_PREFIX, written out so this recipe loads without TensorFlow
 
 
 def get_config(arg: str = "ViT-B_16,/data/petfinder/train.csv") -> ml_collections.ConfigDict:
@@ -46,7 +46,7 @@ def get_config(arg: str = "ViT-B_16,/data/petfinder/train.csv") -> ml_collection
     c = common.get_config()
     c.task = "regression"
     c.loss = "mse"
-    c.dataset = CSV + csv_path
+    c.dataset = CSV_PREFIX + csv_path
     c.train_split = "train"
     c.test_split = "validation"
     c.model = common.model_config(model_name)
@@ -69,8 +69,8 @@ def get_config(arg: str = "ViT-B_16,/data/petfinder/train.csv") -> ml_collection
 
 def _parse(arg: str) -> tuple[str, str]:
     model_name, sep, csv_path = (part.strip() for part in arg.partition(","))
-    if csv_path.startswith(CSV):
-        csv_path = csv_path[len(CSV) :]
+    if csv_path.startswith(CSV_PREFIX):
+        csv_path = csv_path[len(CSV_PREFIX) :]
     if not sep or not model_name or not csv_path.endswith(".csv"):
         raise ValueError(
             "configs/regression.py takes '<model>,<path to the training CSV>', e.g. "

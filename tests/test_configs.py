@@ -1,7 +1,8 @@
 """Tests for the run configs: common's model sections, default, pretrain and finetune recipes.
 
-Every config is built with its documented arguments and must pass `train.validate_config` on 8
-devices; the recipe numbers are those of the ViT paper and the original vit_jax configs.
+Every config is built with its documented arguments and must pass
+`run_config.validate_config` on 8 devices; the recipe numbers are those of the ViT paper and
+the original vit_jax configs.
 """
 
 import math
@@ -74,7 +75,7 @@ RECIPE_STEPS = {
 
 def test_default_config_phases_validate_and_fine_tuning_starts_from_pretraining(tmp_path):
     config = default_config.get_config()
-    phases = train.resolve_phases(config, str(tmp_path))  # validates every phase
+    phases = run_config.resolve_phases(config, str(tmp_path))  # validates every phase
     assert list(phases) == ["pretrain", "finetune"]
     pre, fine = phases["pretrain"], phases["finetune"]
     assert (pre.pretrained, fine.pretrained) == ("", str(tmp_path / "pretrain"))

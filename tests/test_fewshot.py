@@ -90,11 +90,11 @@ def test_the_evaluator_reads_the_runs_splits_and_skips_a_split_too_small(caplog)
     import jax.numpy as jnp
 
     from tests.test_ssl import _config
-    from vit_jax import run_config, steps
+    from vit_jax import run_config, run_data, steps
 
     config = _config("classification", loss="softmax_xent", train_split="train[:100]")
     config.fewshot.update(every=10, shots=(1, 25))
-    evaluator = run_config.fewshot_evaluator(config)
+    evaluator = run_data.fewshot_evaluator(config)
     assert evaluator.train_batches.num_examples == 100  # the run's train_split
     assert evaluator.test_batches.num_examples == DIGITS_TEST  # the run's test_split
     model = run_config.make_model(config, num_classes=0)

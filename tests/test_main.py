@@ -23,10 +23,11 @@ from tests._commands import REPO, native_log_lines, png_libpng_warns_about, subp
 TIMEOUT_S = 120  # generous: the subprocess imports jax and TensorFlow on a busy 2-core CPU
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    """`python -m vit_jax.main ARGS` from the repo root (relative config paths resolve there)."""
+def _cli(*args: str, python_options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`python [OPTIONS] -m vit_jax.main ARGS` from the repo root (relative config paths resolve
+    there)."""
     return subprocess.run(
-        [sys.executable, "-m", "vit_jax.main", *args],
+        [sys.executable, *python_options, "-m", "vit_jax.main", *args],
         cwd=REPO,
         env=subprocess_env(devices=8),
         capture_output=True,
@@ -133,26 +134,42 @@ def test_a_tiny_fine_tuning_run_prints_the_final_accuracy(tmp_path):
 
 
 def test_an_error_after_start_up_is_one_line_and_recorded_in_train_log(tmp_path):
-    missing = tmp_path / "nothing_here.npz"
-    result = _tiny_folder_run(tmp_path, f"--config.pretrained={missing}")
+    result = _tiny_folder_run(tmp_path, "--config.test_split=nope")  # found when listing splits
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and str(missing) in errors[0], result.stderr
+    message = "has splits ('train', 'test'), got 'nope'"
+    assert len(errors) == 1 and message in errors[0], result.stderr
     assert "Traceback" not in result.stderr
     assert "--verbose shows the traceback" in result.stderr
     log = (tmp_path / "run" / "train.log").read_text()
-    assert "The run stopped: FileNotFoundError" in log and str(missing) in log
+    assert "The run stopped: ValueError" in log and message in log
 
 
-def test_a_missing_pretrained_file_of_a_later_phase_is_reported_before_any_phase_runs(tmp_path):
+def _imported_modules(importtime_stderr: str) -> set[str]:
+    """The modules `python -X importtime` reported (`import time: self | cumulative | name`)."""
+    prefix = "import time:"
+    lines = [line for line in importtime_stderr.splitlines() if line.startswith(prefix)]
+    return {line.rsplit("|", 1)[1].strip() for line in lines[1:]}  # [0] is the header
+
+
+def test_a_missing_pretrained_file_of_a_later_phase_is_reported_before_tensorflow_loads(tmp_path):
     missing = tmp_path / "nothing_here.npz"
-    result = _cli(f"--workdir={tmp_path / 'run'}", f"--config.finetune.pretrained={missing}")
+    result = _cli(
+        f"--workdir={tmp_path / 'run'}",
+        f"--config.finetune.pretrained={missing}",
+        python_options=("-X", "importtime"),
+    )
     assert result.returncode == 1
     assert (
         f"Error: Phase 'finetune' (--config.finetune.<key>): Checkpoint not found: '{missing}'"
         in (result.stderr)
     )
     assert not (tmp_path / "run" / "pretrain").exists()  # the first phase never started
+    # Every config check ran before the data pipeline and the TensorBoard writers were
+    # imported: TensorFlow takes seconds to load, a config error need not wait for it.
+    imported = _imported_modules(result.stderr)
+    assert {"jax", "vit_jax.run_config", "vit_jax.tasks"} <= imported, sorted(imported)[:20]
+    assert not {"tensorflow", "clu.metric_writers", "vit_jax.input_pipeline"} & imported
 
 
 def test_an_override_of_a_phase_key_without_its_phase_names_the_phase_keys(tmp_path):

@@ -27,6 +27,7 @@ from vit_jax import (
     models,
     models_ssl,
     run_config,
+    run_data,
     run_log,
     steps,
     tasks,
@@ -289,10 +290,10 @@ def test_pretraining_learns_exports_its_encoder_and_fine_tunes(task, tmp_path, c
     scalars = train_scalars(workdir)
     assert sorted(scalars["fewshot/5shot"]) == [75, 150]
     if task == "mae":  # pretrained features beat random ones (the same init, before training)
-        mae = tasks.make_task(config, run_config.dataset_info(config))
+        mae = tasks.make_task(config, run_data.dataset_info(config))
         model = mae.wrap_model(run_config.make_model(config, **mae.head()))
         random_init = train.create_state(config, model, run_config.make_schedule(config)).params
-        evaluator = run_config.fewshot_evaluator(config)
+        evaluator = run_data.fewshot_evaluator(config)
         chance = evaluator(steps.replicate(random_init))["5shot"]
         assert scalars["fewshot/5shot"][150] >= chance + FEWSHOT_MARGIN, (scalars, chance)
     full = checkpoint.load(workdir / train.PARAMS_FILE)

@@ -16,7 +16,7 @@ from flax import jax_utils
 
 from configs import common
 from configs import default as default_config
-from vit_jax import checkpoint, run_config, run_log, steps, train
+from vit_jax import checkpoint, run_config, run_data, run_log, steps, train
 from vit_jax.tasks import classification
 
 DIGITS_TEST = 360  # examples in the embedded digits test split
@@ -450,7 +450,7 @@ def test_missing_pretrained_file_fails_before_reading_the_dataset(tmp_path, monk
     def no_dataset(config):
         raise AssertionError("the dataset was read before the pretrained path was checked")
 
-    monkeypatch.setattr(run_config, "dataset_info", no_dataset)
+    monkeypatch.setattr(run_data, "dataset_info", no_dataset)
     missing = tmp_path / "ViT-B_16.npz"
     with pytest.raises(FileNotFoundError, match=r"Checkpoint not found: .*ViT-B_16\.npz"):
         train.train_and_evaluate(tiny_config(pretrained=str(missing)), str(tmp_path / "run"))

@@ -37,8 +37,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from vit_jax import image_folder
-
+CSV_PREFIX = "csv:"  # a dataset 'csv:/path/train.csv' is read by this module
 SPLITS = ("train", "validation")
 _SHOWN = 5  # offending rows/files named in an error, before "… and N more"
 _LINES = "line numbers count the header as line 1"
@@ -305,6 +304,10 @@ def image_paths(table: CsvTable, spec: CsvSpec) -> list[str]:
             f"image is <image_dir>/<{spec.id_column}>{spec.image_ext}, image_dir by default the "
             "CSV's path without its extension. Set CsvSpec.image_dir."
         )
+    # Here, not at the top: image_folder imports TensorFlow, and checking a config's CsvSpec
+    # (`run_config.validate_config`) runs before a command imports it.
+    from vit_jax import image_folder
+
     present = {
         e.name for e in image_folder.scan_dir(directory) if not e.is_dir() and e.name[0] != "."
     }

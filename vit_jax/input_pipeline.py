@@ -50,12 +50,11 @@ import tensorflow as tf
 
 from vit_jax import csv_dataset, image_folder, indexed_sources, records_source, tfds_source
 from vit_jax.closable_batches import ClosableBatches
-from vit_jax.csv_dataset import CsvSpec
+from vit_jax.csv_dataset import CSV_PREFIX, CsvSpec
 from vit_jax.indexed_sources import DIGITS
 from vit_jax.source import TRAIN_PARALLEL_CALLS, Source
 
 FOLDER_PREFIX = "folder:"
-CSV_PREFIX = "csv:"
 RECORDS_PREFIX = records_source.PREFIX
 TARGET_KINDS = ("one_hot", "multi_hot", "value")
 EVAL_CROPS = ("resize", "resize_small_crop")

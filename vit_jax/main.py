@@ -195,10 +195,11 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.INFO)
-    with native_notices.stderr_hidden(not _VERBOSE.value):
-        # Imported here, not at the top: TensorFlow (through vit_jax.input_pipeline) takes
-        # seconds to import, which flag errors and --helpshort need not wait for.
-        from vit_jax import run_log, tasks
+    # Imported here, not at the top, as the loop is in _train: flag errors and --helpshort need
+    # not wait for jax. These import no TensorFlow (which takes seconds), so a config error is
+    # reported before it loads.
+    from vit_jax import run_config, run_log, tasks
+
     if not _VERBOSE.value:
         console = absl_logging.get_absl_handler()
         console.addFilter(run_log.is_run_record)
@@ -208,6 +209,8 @@ def main(argv: list[str]) -> None:
     except OSError as e:  # config_flags defers a missing config file to its first use
         raise app.UsageError(str(e)) from e
     try:
+        _start_runtime()
+        run_config.check_before_start(config, _WORKDIR.value)
         final, last = _train(config)
     except Exception as e:  # one message, not a traceback; train.log has the same line
         if _VERBOSE.value:
@@ -217,12 +220,9 @@ def main(argv: list[str]) -> None:
     print(tasks.task_class(last).summary(last, final))
 
 
-def _train(config) -> tuple[dict[str, float], Any]:
-    """Starts the multi-process runtime if asked, runs the config.
-
-    Returns the last phase's final metrics and its config.
-    """
-    from vit_jax import multihost, train  # imported by main() already
+def _start_runtime() -> None:
+    """JAX's multi-process runtime, when the flags ask for it (before any JAX computation)."""
+    from vit_jax import multihost
 
     cluster = (_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if _DISTRIBUTED.value or any(value is not None for value in cluster):
@@ -232,6 +232,13 @@ def _train(config) -> tuple[dict[str, float], Any]:
             process_id=cluster[2],
             heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value,
         )
+
+
+def _train(config) -> tuple[dict[str, float], Any]:
+    """Runs the config; returns the last phase's final metrics and its config."""
+    with native_notices.stderr_hidden(not _VERBOSE.value):  # TensorFlow's notices at import
+        from vit_jax import train
+
     if "phases" in config:
         last = config.phases[-1]
         return train.train_phases(config, _WORKDIR.value)[last], config[last]

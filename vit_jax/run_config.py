@@ -1,13 +1,16 @@
-"""From a run config to what it describes: validation, the model, the optimizer, the data.
+"""From a run config to what it describes: validation, phases, the model, the optimizer.
 
-Everything the loop builds from `config` is built here, so the loop (`vit_jax.train`) reads no
-config key itself beyond the schedule of side work. `validate_config` checks every key before
-any work (data download, compilation): a bad value fails at once, naming the key and the fix.
+Everything the loop builds from `config` is built here or in `vit_jax.run_data` (its data), so
+the loop (`vit_jax.train`) reads no config key itself beyond the schedule of side work.
+`validate_config` checks every key before any work (data download, compilation): a bad value
+fails at once, naming the key and the fix. This module imports no TensorFlow, so `main` checks a
+config (`check_before_start`) seconds before the data pipeline is imported.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,16 +19,17 @@ import jax.numpy as jnp
 import ml_collections
 
 from vit_jax import (
+    checkpoint,
     fewshot,
-    input_pipeline,
     model_heads,
     models,
     models_swin,
     models_vit,
-    multihost,
     optim,
     tasks,
 )
+from vit_jax.csv_dataset import CSV_PREFIX, CsvSpec
+from vit_jax.resumable import CHECKPOINT_DIR
 
 OPTIM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 COMPUTE_DTYPES = OPTIM_DTYPES
@@ -46,6 +50,7 @@ FAMILY_OPTIONS = {
     "beit": ("drop_path_rate",),
 }
 _OPTION_KEYS = {"scan": "scan_layers"}
+PHASE_PREFIX = "phase:"  # `pretrained = 'phase:<name>'` = the params.npz of an earlier phase
 
 
 def validate_config(
@@ -88,17 +93,84 @@ def validate_config(
         )
     _check_patch_grid(config.model, config.image_size)
     fewshot.check_config(config)
-    if config.fewshot.every and (config.fewshot.dataset or config.dataset).startswith(
-        input_pipeline.CSV_PREFIX
-    ):
+    if config.fewshot.every and (config.fewshot.dataset or config.dataset).startswith(CSV_PREFIX):
         raise ValueError(
             "fewshot.every needs a class-labelled dataset; a 'csv:' one has real-valued "
             "targets. Set --config.fewshot.dataset to one, or fewshot.every=0."
         )
     make_optimizer(config, make_schedule(config))  # lr, warmup, steps, optimizer options
-    if config.dataset.startswith(input_pipeline.CSV_PREFIX):
-        with _csv_keys_named():
+    if config.dataset.startswith(CSV_PREFIX):
+        with csv_keys_named():
             csv_spec(config)  # folds, fractions, columns: before any file is read
+
+
+def check_before_start(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Every check that reads no data, on this runtime's devices: `validate_config` and that
+    `pretrained` exists (unless the run resumes); for a config with phases, each phase
+    (`resolve_phases`). Errors as those raise them."""
+    if "phases" in config:
+        resolve_phases(config, workdir)
+        return
+    validate_config(config, jax.device_count(), jax.local_device_count())
+    check_pretrained_exists(config, workdir)
+
+
+def check_pretrained_exists(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """FileNotFoundError naming `config.pretrained` if it is missing and the run in `workdir`
+    starts fresh (a resumed run reads its checkpoints instead)."""
+    resuming = os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR))
+    if config.pretrained and not resuming:
+        checkpoint.check_exists(checkpoint.resolve_params_file(config.pretrained))
+
+
+def resolve_phases(
+    config: ml_collections.ConfigDict, workdir: str
+) -> dict[str, ml_collections.ConfigDict]:
+    """`{phase: config}` in run order, `'phase:<name>'` resolved to `<workdir>/<name>`.
+
+    Each phase is validated here (ValueError naming the phase and its key, e.g.
+    `config.finetune.base_lr`), so a bad later phase fails before an earlier one trains.
+    """
+    phases = {}
+    for name in config.phases:
+        phase = config[name]
+        from_phase = phase.pretrained.startswith(PHASE_PREFIX)
+        if from_phase:
+            source = phase.pretrained[len(PHASE_PREFIX) :]
+            if source not in phases:
+                raise ValueError(
+                    f"Phase {name!r} starts from phase {source!r}, which does not run before "
+                    f"it; phases run in the order {tuple(config.phases)}."
+                )
+            phase = phase.copy_and_resolve_references()
+            phase.pretrained = os.path.join(workdir, source)
+        try:
+            validate_config(phase, jax.device_count(), jax.local_device_count())
+            if not from_phase:
+                check_pretrained_exists(phase, os.path.join(workdir, name))
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"Phase {name!r} (--config.{name}.<key>): {e}") from None
+        phases[name] = phase
+    return phases
+
+
+def csv_spec(config: ml_collections.ConfigDict) -> CsvSpec:
+    """The `config.csv` options of a 'csv:' dataset (its keys are `CsvSpec`'s fields)."""
+    options = config.csv.to_dict()
+    return CsvSpec(
+        **{k: tuple(v) if isinstance(v, list | tuple) else v for k, v in options.items()}
+    )
+
+
+@contextlib.contextmanager
+def csv_keys_named() -> Iterator[None]:
+    """A CSV error that names `CsvSpec.<key>` also says its config key, `--config.csv.<key>`."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        if "CsvSpec." not in str(e):
+            raise
+        raise type(e)(f"{e} (CsvSpec.<key> is set by --config.csv.<key>.)") from None
 
 
 def describe_run(config: ml_collections.ConfigDict, phase: str = "") -> str:
@@ -197,124 +269,6 @@ def layer_count(model_config: ml_collections.ConfigDict) -> int:
     if models.family(model_config.model_name) == "beit":
         return int(model_config.num_layers)
     return int(model_config.get("transformer", {}).get("num_layers", 0))
-
-
-# ----------------------------------------------------------------------------------------------
-# Data.
-
-
-def dataset_info(config: ml_collections.ConfigDict) -> input_pipeline.DatasetInfo:
-    """The dataset's info; a tfds dataset's is read by process 0 before the others.
-
-    A tfds dataset not prepared yet is so downloaded and prepared by one process, not by every
-    process at once into the same data_dir. An image folder is validated by all processes
-    together (each decodes its share of the files).
-    """
-    prepare_first = input_pipeline.needs_preparation(config.dataset)
-    if prepare_first and not multihost.is_main_process():
-        multihost.barrier("dataset-prepared")  # wait for process 0's download and preparation
-    with _csv_keys_named():
-        info = input_pipeline.get_dataset_info(
-            config.dataset,
-            train_split=config.train_split,
-            test_split=config.test_split,
-            targets=tasks.task_class(config).targets_for(config),
-            **_source_args(config),
-        )
-    if prepare_first and multihost.is_main_process():
-        multihost.barrier("dataset-prepared")
-    return info
-
-
-def train_batches(config: ml_collections.ConfigDict, task: tasks.Task, start_step: int = 0):
-    """Endless training batches from `start_step` on, shaped for the pmap'd step."""
-    return input_pipeline.get_train_iterator(
-        config.dataset,
-        config.train_split,
-        seed=config.seed,
-        start_step=start_step,
-        shuffle_buffer=config.shuffle_buffer,
-        num_workers=config.input_workers,
-        crop_min_area=config.crop_min_area,
-        **_pipeline_args(config, task),
-    )
-
-
-def eval_batches(config: ml_collections.ConfigDict, task: tasks.Task):
-    """One re-iterable pass over `test_split`, padded and masked."""
-    return input_pipeline.get_eval_iterator(
-        config.dataset,
-        config.test_split,
-        eval_crop=config.eval_crop,
-        **_pipeline_args(config, task),
-    )
-
-
-def fewshot_evaluator(config: ml_collections.ConfigDict) -> fewshot.Evaluator | None:
-    """The run's few-shot evaluator (`config.fewshot`), or None when it is off."""
-    if not config.fewshot.every:
-        return None
-    dataset = config.fewshot.dataset or config.dataset
-
-    def batches(split: str):
-        return input_pipeline.get_eval_iterator(
-            dataset,
-            split,
-            image_size=config.image_size,
-            global_batch_size=config.batch_size,
-            local_device_count=jax.local_device_count(),
-            eval_crop=config.eval_crop,
-            targets="one_hot",
-            **_source_args(config),
-        )
-
-    features_model = make_model(config, num_classes=0)  # pooled as config.model, no head
-    options = config.fewshot.copy_and_resolve_references()
-    if not config.fewshot.dataset:  # the run's dataset: its splits unless others are named
-        options.train_split = options.train_split or config.train_split
-        options.test_split = options.test_split or config.test_split
-    return fewshot.Evaluator(options, features_model, batches)
-
-
-def _source_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Where the dataset is and which share of it this process reads."""
-    return {
-        "process_index": jax.process_index(),
-        "process_count": jax.process_count(),
-        "data_dir": config.data_dir or None,
-        "manual_dir": config.manual_dir or None,
-        "csv": csv_spec(config) if config.dataset.startswith(input_pipeline.CSV_PREFIX) else None,
-    }
-
-
-def csv_spec(config: ml_collections.ConfigDict) -> input_pipeline.CsvSpec:
-    """The `config.csv` options of a 'csv:' dataset (its keys are `CsvSpec`'s fields)."""
-    options = config.csv.to_dict()
-    return input_pipeline.CsvSpec(
-        **{k: tuple(v) if isinstance(v, list | tuple) else v for k, v in options.items()}
-    )
-
-
-@contextlib.contextmanager
-def _csv_keys_named() -> Iterator[None]:
-    """A CSV error that names `CsvSpec.<key>` also says its config key, `--config.csv.<key>`."""
-    try:
-        yield
-    except (ValueError, FileNotFoundError) as e:
-        if "CsvSpec." not in str(e):
-            raise
-        raise type(e)(f"{e} (CsvSpec.<key> is set by --config.csv.<key>.)") from None
-
-
-def _pipeline_args(config: ml_collections.ConfigDict, task: tasks.Task) -> dict[str, Any]:
-    """The input-pipeline arguments shared by training and evaluation batches."""
-    return {
-        "image_size": config.image_size,
-        "global_batch_size": config.batch_size,
-        "local_device_count": jax.local_device_count(),
-        "targets": task.targets,
-        **_source_args(config),
-    }
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,14 +16,16 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import ml_collections
 import numpy as np
-from clu import metric_writers
 
 from vit_jax.resumable import ResumableCheckpoints
+
+if TYPE_CHECKING:  # imported on use: clu's writers import TensorFlow (see metric_writers_for)
+    from clu import metric_writers
 
 LOG_FILE = "train.log"
 FINITE_METRICS = ("loss", "grad_norm", "param_norm")  # all finite ⇒ the new state is finite
@@ -97,6 +99,10 @@ def metric_writers_for(workdir: str) -> Iterator[Writers]:
     The hyper-parameter table and clu's steps/s and uptime scalars go to TensorBoard only: the
     console has the config's one-line summary and clu's ETA line instead.
     """
+    # Here, not at the top: clu's writers import TensorFlow, and `main` installs the console
+    # filter (`is_run_record`) and checks the config before that import.
+    from clu import metric_writers
+
     console = metric_writers.LoggingWriter()
     if jax.process_index() > 0:
         summary = None

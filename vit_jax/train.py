@@ -46,6 +46,7 @@ from vit_jax import (
     multihost,
     resumable,
     run_config,
+    run_data,
     run_log,
     tasks,
     weights_info,
@@ -54,7 +55,6 @@ from vit_jax.steps import TrainState, evaluate, make_eval_step, make_train_step,
 from vit_jax.tasks import Metrics
 
 PICTURE_IMAGES = 4  # evaluation images in a task's picture (MAE's reconstructions)
-PHASE_PREFIX = "phase:"  # `pretrained = 'phase:<name>'` = the params.npz of an earlier phase
 PARAMS_FILE = checkpoint.PARAMS_FILE
 CHECKPOINT_DIR = resumable.CHECKPOINT_DIR
 LOG_FILE = run_log.LOG_FILE
@@ -96,7 +96,7 @@ def train_and_evaluate(
     the loss is not finite (no checkpoint holds non-finite values). Any error that stops the run
     is also written to `train.log`. `phase` names the run in its first log line.
     """
-    run_config.validate_config(config, jax.device_count(), jax.local_device_count())
+    run_config.check_before_start(config, workdir)  # before a dataset download, not after
     make_workdir(workdir)
     with contextlib.ExitStack() as stack:
         stack.enter_context(run_log.log_to_file(workdir))
@@ -138,44 +138,12 @@ def train_phases(config: ml_collections.ConfigDict, workdir: str) -> dict[str, M
     Every phase's config is checked before the first one starts. Returns the final eval
     metrics per phase. Completed phases are not trained again.
     """
-    phases = resolve_phases(config, workdir)
+    phases = run_config.resolve_phases(config, workdir)
     make_workdir(workdir)
     results = {}
     for name, phase in phases.items():
         _, results[name] = train_and_evaluate(phase, os.path.join(workdir, name), phase=name)
     return results
-
-
-def resolve_phases(
-    config: ml_collections.ConfigDict, workdir: str
-) -> dict[str, ml_collections.ConfigDict]:
-    """`{phase: config}` in run order, `'phase:<name>'` resolved to `<workdir>/<name>`.
-
-    Each phase is validated here (ValueError naming the phase and its key, e.g.
-    `config.finetune.base_lr`), so a bad later phase fails before an earlier one trains.
-    """
-    phases = {}
-    for name in config.phases:
-        phase = config[name]
-        from_phase = phase.pretrained.startswith(PHASE_PREFIX)
-        if from_phase:
-            source = phase.pretrained[len(PHASE_PREFIX) :]
-            if source not in phases:
-                raise ValueError(
-                    f"Phase {name!r} starts from phase {source!r}, which does not run before "
-                    f"it; phases run in the order {tuple(config.phases)}."
-                )
-            phase = phase.copy_and_resolve_references()
-            phase.pretrained = os.path.join(workdir, source)
-        try:
-            run_config.validate_config(phase, jax.device_count(), jax.local_device_count())
-            resuming = os.path.isdir(os.path.join(workdir, name, CHECKPOINT_DIR))
-            if phase.pretrained and not from_phase and not resuming:
-                checkpoint.check_exists(checkpoint.resolve_params_file(phase.pretrained))
-        except (ValueError, FileNotFoundError) as e:
-            raise type(e)(f"Phase {name!r} (--config.{name}.<key>): {e}") from None
-        phases[name] = phase
-    return phases
 
 
 def _record_input_norm(config: ml_collections.ConfigDict, params_file: str) -> None:
@@ -275,9 +243,7 @@ def _setup(
 ) -> _Run:
     """Dataset info, task, model, state (fresh, pretrained or restored) and the evaluator."""
     resuming = bool(checkpoints.steps())
-    if config.pretrained and not resuming:  # before a dataset download, not after
-        checkpoint.check_exists(checkpoint.resolve_params_file(config.pretrained))
-    info = run_config.dataset_info(config)
+    info = run_data.dataset_info(config)
     counts = " / ".join(f"{n:,} {split}" for split, n in info.num_examples.items())
     outputs = (
         f"{info.num_classes} classes"
@@ -312,7 +278,7 @@ def _setup(
             json.dump(info, f, indent=1)
 
     p_eval_step = make_eval_step(model, task)
-    eval_batches = run_config.eval_batches(config, task)
+    eval_batches = run_data.eval_batches(config, task)
     best = resumable.BestParams(workdir, task.is_better, start_step) if config.keep_best else None
 
     picture = jax.jit(functools.partial(task.picture, model.apply))
@@ -333,7 +299,7 @@ def _setup(
             best.update(step, metrics, params)
         return metrics
 
-    fewshot_evaluator = run_config.fewshot_evaluator(config)
+    fewshot_evaluator = run_data.fewshot_evaluator(config)
 
     def run_fewshot(params, step: int) -> None:
         if fewshot_evaluator is None:
@@ -360,7 +326,7 @@ def _train(
     """
     p_train_step = make_train_step(run.task, run.schedule, config.accum_steps)
     batches = input_pipeline.prefetch_to_device(
-        run_config.train_batches(config, run.task, run.start_step)
+        run_data.train_batches(config, run.task, run.start_step)
     )
     pstate, prng = replicate(run.state), replicate(run.rng)
     inputs = run.task.step_inputs()

@@ -24,10 +24,10 @@ import ml_collections
 import numpy as np
 import optax
 
+from vit_jax.csv_dataset import CSV_PREFIX
 from vit_jax.tasks.base import ApplyFn, Batch, Metrics, Task
 
 LOSSES = ("mse", "sigmoid_bce")
-CSV_PREFIX = "csv:"  # input_pipeline.CSV_PREFIX (tests check they agree)
 
 
 class Regression(Task):
