@@ -50,6 +50,16 @@ def test_mapping_is_the_original_list() -> None:
     assert models_config.ORIGINAL_NAMES == ORIGINAL_FUNCTIONS
 
 
+def test_model_configs_holds_the_originals_models_only() -> None:
+    # The original's models_test.py asserts a parameter count for every entry of this dict, so
+    # the families added here (DeiT, Swin, BEiT) are in the zoo's dict and not in this one.
+    assert list(models_config.MODEL_CONFIGS) == list(ORIGINAL_FUNCTIONS.values())
+    for name, config in models_config.MODEL_CONFIGS.items():
+        assert config is models.MODEL_CONFIGS[name]
+    assert {"DeiT-S_16", "Swin-T_4_w7", "BEiT-B_16"} <= set(models.MODEL_CONFIGS)
+    assert models_config.get_config("DeiT-S_16").model_name == "DeiT-S_16"
+
+
 @pytest.mark.parametrize(("function_name", "zoo_name"), list(ORIGINAL_FUNCTIONS.items()))
 def test_function_returns_the_zoo_config(function_name: str, zoo_name: str) -> None:
     config = getattr(models_config, function_name)()
@@ -103,7 +113,7 @@ def test_from_import_and_star_import() -> None:
     namespace: dict = {}
     exec("from vit_jax.configs.models import *", namespace)
     assert set(ORIGINAL_FUNCTIONS) | {"MODEL_CONFIGS", "get_config"} <= set(namespace)
-    assert namespace["MODEL_CONFIGS"] is models.MODEL_CONFIGS
+    assert namespace["MODEL_CONFIGS"] is models_config.MODEL_CONFIGS
 
 
 def test_module_help_lists_the_functions() -> None:

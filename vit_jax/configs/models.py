@@ -1,8 +1,11 @@
 """The model zoo under the original `vit_jax.configs.models` names.
 
 Scripts written for the original call `models_config.get_b16_config()` and read
-`models_config.MODEL_CONFIGS`; both work here. The sizes live only in `vit_jax.models` (one table
-per family): every `get_*_config` below is generated from `ORIGINAL_NAMES` and returns
+`models_config.MODEL_CONFIGS`; both work here. `MODEL_CONFIGS` here holds the original's models
+only, as the original's module does (its models_test.py checks a parameter count for each entry);
+the families this package adds (DeiT, Swin, BEiT) are in `vit_jax.models.MODEL_CONFIGS`, and
+`get_config` takes any zoo name. The sizes live only in `vit_jax.models` (one table per family):
+every `get_*_config` below is generated from `ORIGINAL_NAMES` and returns
 `vit_jax.models.get_config(zoo_name)`, a fresh mutable copy, exactly as the original's functions
 built a new ConfigDict on every call. They are ordinary module-level functions (in `dir()`,
 `help()` and `__all__`), so `from vit_jax.configs.models import get_b16_config` works too.
@@ -12,7 +15,8 @@ from collections.abc import Callable
 
 import ml_collections
 
-from vit_jax.models import MODEL_CONFIGS, get_config
+from vit_jax import models
+from vit_jax.models import get_config
 
 # Original function name -> zoo name, in the order of the original module (LiT models, which this
 # package does not have, are left out).
@@ -41,6 +45,8 @@ ORIGINAL_NAMES: dict[str, str] = {
     "get_mixer_b32_config": "Mixer-B_32",
     "get_mixer_l16_config": "Mixer-L_16",
 }
+# The zoo's entries of the original's models, in the order above (the same frozen configs).
+MODEL_CONFIGS = {zoo: models.MODEL_CONFIGS[zoo] for zoo in ORIGINAL_NAMES.values()}
 
 
 def _make_getter(function_name: str, zoo_name: str) -> Callable[[], ml_collections.ConfigDict]:
