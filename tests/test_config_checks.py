@@ -14,7 +14,7 @@ import pytest
 
 from configs import common, finetune
 from configs import default as default_config
-from vit_jax import models, models_vit, run_config, train
+from vit_jax import models, models_vit, run_config
 
 
 def _finetune_phase() -> ml_collections.ConfigDict:
@@ -68,7 +68,7 @@ def test_a_workdir_that_is_a_file_is_an_error_naming_it(tmp_path):
     path.write_text("not a directory")
     for workdir in (path, path / "run"):
         with pytest.raises(ValueError, match=f"workdir '{workdir}' cannot be a directory"):
-            train.make_workdir(str(workdir))
+            run_config.make_workdir(str(workdir))
     assert path.read_text() == "not a directory"  # nothing lost
 
 
@@ -78,7 +78,7 @@ def test_a_read_only_workdir_is_an_error_naming_it(tmp_path, monkeypatch):
         os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real_access(p, mode)
     )  # tests run as root, who may write anywhere: the check itself is what is tested
     with pytest.raises(ValueError, match=f"workdir '{tmp_path}' is not writable"):
-        train.make_workdir(str(tmp_path))
+        run_config.make_workdir(str(tmp_path))
 
 
 def test_attention_dropout_has_one_default_that_validation_sees():

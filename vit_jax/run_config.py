@@ -107,12 +107,31 @@ def validate_config(
 def check_before_start(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Every check that reads no data, on this runtime's devices: `validate_config` and that
     `pretrained` exists (unless the run resumes); for a config with phases, each phase
-    (`resolve_phases`). Errors as those raise them."""
+    (`resolve_phases`). Then `make_workdir`. Errors as those raise them."""
     if "phases" in config:
         resolve_phases(config, workdir)
-        return
-    validate_config(config, jax.device_count(), jax.local_device_count())
-    check_pretrained_exists(config, workdir)
+    else:
+        validate_config(config, jax.device_count(), jax.local_device_count())
+        check_pretrained_exists(config, workdir)
+    make_workdir(workdir)
+
+
+def make_workdir(workdir: str) -> None:
+    """Creates `workdir` (and its parents); ValueError naming the path when it cannot be one."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(
+            f"workdir {workdir!r} cannot be a directory: it, or a folder above it, is a file. "
+            "Pass a directory path (it is created if missing)."
+        ) from None
+    except PermissionError as e:
+        raise ValueError(
+            f"workdir {workdir!r} cannot be created: permission denied for {e.filename!r}. "
+            "Pass a directory you can write to."
+        ) from None
+    if not os.access(workdir, os.W_OK | os.X_OK):
+        raise ValueError(f"workdir {workdir!r} is not writable; pass a directory you can write to.")
 
 
 def check_pretrained_exists(config: ml_collections.ConfigDict, workdir: str) -> None:

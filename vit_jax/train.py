@@ -96,8 +96,7 @@ def train_and_evaluate(
     the loss is not finite (no checkpoint holds non-finite values). Any error that stops the run
     is also written to `train.log`. `phase` names the run in its first log line.
     """
-    run_config.check_before_start(config, workdir)  # before a dataset download, not after
-    make_workdir(workdir)
+    run_config.check_before_start(config, workdir)  # before a dataset download; makes workdir
     with contextlib.ExitStack() as stack:
         stack.enter_context(run_log.log_to_file(workdir))
         _LOG.info("%s", run_config.describe_run(config, phase))
@@ -139,7 +138,7 @@ def train_phases(config: ml_collections.ConfigDict, workdir: str) -> dict[str, M
     metrics per phase. Completed phases are not trained again.
     """
     phases = run_config.resolve_phases(config, workdir)
-    make_workdir(workdir)
+    run_config.make_workdir(workdir)
     results = {}
     for name, phase in phases.items():
         _, results[name] = train_and_evaluate(phase, os.path.join(workdir, name), phase=name)
@@ -162,24 +161,6 @@ def _export_encoder(config: ml_collections.ConfigDict, params: Any, workdir: str
     checkpoint.save(encoder, path)
     _record_input_norm(config, path)
     _LOG.info("Encoder exported to %s (without %s).", path, "; ".join(left_out))
-
-
-def make_workdir(workdir: str) -> None:
-    """Creates `workdir` (and its parents); ValueError naming the path when it cannot be one."""
-    try:
-        os.makedirs(workdir, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise ValueError(
-            f"workdir {workdir!r} cannot be a directory: it, or a folder above it, is a file. "
-            "Pass a directory path (it is created if missing)."
-        ) from None
-    except PermissionError as e:
-        raise ValueError(
-            f"workdir {workdir!r} cannot be created: permission denied for {e.filename!r}. "
-            "Pass a directory you can write to."
-        ) from None
-    if not os.access(workdir, os.W_OK | os.X_OK):
-        raise ValueError(f"workdir {workdir!r} is not writable; pass a directory you can write to.")
 
 
 def create_state(
