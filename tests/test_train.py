@@ -446,11 +446,16 @@ def test_fast_model_options_train_to_the_reference_params(tmp_path):
         assert 1e-6 < delta < 0.05, name  # really computed in bf16, and still the same training
 
 
-def test_missing_pretrained_file_fails_before_reading_the_dataset(tmp_path, monkeypatch):
+@pytest.mark.parametrize("earlier_attempt", [False, True])
+def test_missing_pretrained_file_fails_before_reading_the_dataset(
+    tmp_path, monkeypatch, earlier_attempt
+):
     def no_dataset(config):
         raise AssertionError("the dataset was read before the pretrained path was checked")
 
     monkeypatch.setattr(run_data, "dataset_info", no_dataset)
+    if earlier_attempt:  # one that failed before its first save: an empty checkpoints folder
+        (tmp_path / "run" / train.CHECKPOINT_DIR).mkdir(parents=True)
     missing = tmp_path / "ViT-B_16.npz"
     with pytest.raises(FileNotFoundError, match=r"Checkpoint not found: .*ViT-B_16\.npz"):
         train.train_and_evaluate(tiny_config(pretrained=str(missing)), str(tmp_path / "run"))

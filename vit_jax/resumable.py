@@ -140,6 +140,17 @@ class ResumableCheckpoints:
         self._manager.reload()
 
 
+def has_checkpoints(directory: str) -> bool:
+    """Whether `directory` holds a completed checkpoint (a `<step>` folder), i.e. a run there
+    resumes. Read from the folder names, without opening orbax's manager (which creates the
+    folder): the config checks ask before a run starts, and a run that failed before its first
+    save leaves the folder empty."""
+    return os.path.isdir(directory) and any(
+        name.isdigit() and os.path.isdir(os.path.join(directory, name))
+        for name in os.listdir(directory)
+    )
+
+
 def _remove_half_written(directory: str) -> None:
     """Deletes `<step>.orbax-checkpoint-tmp*` left by a save that was killed, with a warning."""
     if not os.path.isdir(directory):

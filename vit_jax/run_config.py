@@ -26,6 +26,7 @@ from vit_jax import (
     models_swin,
     models_vit,
     optim,
+    resumable,
     tasks,
 )
 from vit_jax.csv_dataset import CSV_PREFIX, CsvSpec
@@ -137,7 +138,7 @@ def make_workdir(workdir: str) -> None:
 def check_pretrained_exists(config: ml_collections.ConfigDict, workdir: str) -> None:
     """FileNotFoundError naming `config.pretrained` if it is missing and the run in `workdir`
     starts fresh (a resumed run reads its checkpoints instead)."""
-    resuming = os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR))
+    resuming = resumable.has_checkpoints(os.path.join(workdir, CHECKPOINT_DIR))
     if config.pretrained and not resuming:
         checkpoint.check_exists(checkpoint.resolve_params_file(config.pretrained))
 

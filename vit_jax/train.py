@@ -2,8 +2,8 @@
 
 The loop is the same for every objective: the task (`vit_jax.tasks`, chosen by `config.task`)
 owns targets, head, loss and metrics; `vit_jax.steps` holds the pmap'd steps; `run_config`
-builds the model, optimizer and data from the config; `resumable` the workdir's checkpoints;
-`run_log` the log lines and TensorBoard scalars.
+checks the config and builds the model and optimizer from it, `run_data` the data; `resumable`
+the workdir's checkpoints; `run_log` the log lines and TensorBoard scalars.
 
 What a run leaves in its workdir:
 - `checkpoints/<step>/`: resumable state (params, optimizer state, step, rng, data position);
@@ -93,8 +93,10 @@ def train_and_evaluate(
     Resumes from the latest readable checkpoint in `<workdir>/checkpoints`; a run that already
     reached `total_steps` is evaluated, not trained again. Raises `TrainingInterrupted` after
     SIGTERM/SIGINT (a checkpoint is written first) and FloatingPointError naming the step when
-    the loss is not finite (no checkpoint holds non-finite values). Any error that stops the run
-    is also written to `train.log`. `phase` names the run in its first log line.
+    the loss is not finite (no checkpoint holds non-finite values). The config checks
+    (`run_config.check_before_start`) come first and raise before `train.log` is opened; any
+    later error that stops the run is also written there. `phase` names the run in its first
+    log line.
     """
     run_config.check_before_start(config, workdir)  # before a dataset download; makes workdir
     with contextlib.ExitStack() as stack:
