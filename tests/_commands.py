@@ -21,12 +21,6 @@ REPO = Path(__file__).resolve().parent.parent
 # its compiled programs to the compilation cache (JAX writes from process 0 only).
 MULTIPROCESS_SITE = Path(__file__).resolve().parent / "_multiprocess_site"
 WAIT_SECONDS = 240  # the longest any test command may take
-# XLA's CPU runtime runs matmuls on a thread pool of one thread per core, in every process. The
-# suite already keeps both cores busy with one process each (two xdist workers, or a worker and
-# the command it waits for), so those pools only contend for the same cores: the tests and
-# their subprocesses run XLA's ops on the calling thread (three training modules on 2 workers:
-# 110 s -> 91 s, on a 2-core AVX2-only machine).
-SINGLE_THREADED_XLA = "--xla_cpu_multi_thread_eigen=false"
 SHARED_IMAGES = REPO / ".." / "shared" / "data" / "images"
 # A line of TensorFlow's or XLA's native logging (`W0000 00:00:1796604084.875132 2573 png_io.cc:96]
 # …`: before absl's logging is initialised, the time field is seconds since the epoch), or
@@ -51,7 +45,9 @@ def native_log_lines(stderr: str) -> list[str]:
 
 def xla_flags(devices: int) -> str:
     """`XLA_FLAGS` for a test process on `devices` fake CPU devices."""
-    return f"--xla_force_host_platform_device_count={devices} {SINGLE_THREADED_XLA}"
+    # XLA's own thread pool is kept: `--xla_cpu_multi_thread_eigen=false` made the suite slower
+    # on a 2-core AVX2-only machine (interleaved runs of 3 to 5 modules, 2-8 % slower).
+    return f"--xla_force_host_platform_device_count={devices}"
 
 
 def subprocess_env(devices: int) -> dict[str, str]:

@@ -1,7 +1,6 @@
 """Shared pytest setup, done before jax is imported: 8 fake CPU devices for the multi-device
 tests, a persistent compilation cache shared by the tests and their subprocesses, XLA without
-its expensive optimisations and its per-process matmul thread pool (tests/_commands.py says
-why), and the grouping of tests over pytest-xdist's workers.
+its expensive optimisations, and the grouping of tests over pytest-xdist's workers.
 
 Most of the suite's time is XLA compiling the same tiny models and steps again in test after
 test (and in the command-line subprocesses); the cache compiles each once per run. It lives in
