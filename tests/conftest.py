@@ -39,6 +39,33 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # (The variables above are set in the controlling process before the workers start, so every
 # worker and subprocess uses the one compilation cache.)
 _SHARED_GROUPS = {"test_multihost": "two_phase_run", "test_train_resume": "two_phase_run"}
+# xdist hands the groups to the workers in collection order (`--no-loadscope-reorder` in
+# pyproject.toml; by default it would sort them by their number of tests), so the longest go
+# first: the last groups to start are short and the two workers finish together. Worker-seconds
+# of the longest groups, from `--durations=0` on a 2-core AVX2-only machine (2026-12-07); a
+# group not listed counts 0 and runs after these, in collection order.
+_GROUP_SECONDS = {
+    "two_phase_run": 195,
+    "test_models": 136,
+    "test_main": 84,
+    "test_records": 82,
+    "test_ssl": 77,
+    "test_regression": 70,
+    "test_train": 66,
+    "test_finetune_swin_beit": 49,
+    "test_e2e": 46,
+    "test_distillation": 42,
+    "test_checkpoint": 30,
+    "test_predict": 27,
+    "test_benchmarks": 23,
+    "test_notebooks": 22,
+    "test_learns": 21,
+    "test_timm_weights": 19,
+    "test_input_norm": 16,
+    "test_interop_timm_deit": 16,
+    "test_interop_timm_swin": 14,
+    "test_interop_timm": 14,
+}
 
 
 def pytest_configure(config):
@@ -66,9 +93,12 @@ def pytest_runtest_protocol(item, nextitem):
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
 def pytest_collection_modifyitems(config, items):
+    groups = {}
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1]
-        item.add_marker(pytest.mark.xdist_group(_SHARED_GROUPS.get(module, module)))
+        groups[item] = _SHARED_GROUPS.get(module, module)
+        item.add_marker(pytest.mark.xdist_group(groups[item]))
+    items.sort(key=lambda item: -_GROUP_SECONDS.get(groups[item], 0))  # stable: tests keep order
 
 
 @pytest.fixture(scope="session")
