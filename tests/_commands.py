@@ -46,7 +46,7 @@ def native_log_lines(stderr: str) -> list[str]:
 def xla_flags(devices: int) -> str:
     """`XLA_FLAGS` for a test process on `devices` fake CPU devices."""
     # XLA's own thread pool is kept: `--xla_cpu_multi_thread_eigen=false` made the suite slower
-    # on a 2-core AVX2-only machine (interleaved runs of 3 to 5 modules, 2-8 % slower).
+    # on a 2-core AVX2-only machine (interleaved runs of 3 and of 5 modules: 3 to 10 % slower).
     return f"--xla_force_host_platform_device_count={devices}"
 
 
